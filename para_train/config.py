@@ -1,0 +1,405 @@
+"""One typed config for a training run.
+
+Built once from: dataclass defaults (the tiny embedded model) < the stage's defaults < a YAML
+file (`--config`) < dotted `key=value` overrides. Every section validates itself; an unknown key,
+a value of the wrong type or a contradictory setting raises `ConfigError` naming the key and the
+fix, before any process group starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from para_train.tracking import TrackingConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class ConfigError(ValueError):
+    """A user-fixable problem in the configuration."""
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"  # every stage of one training writes under this folder
+    seed: int = 0
+    stage: int = 1  # set by --stage
+
+    def __post_init__(self):
+        _check(self.stage in (1, 2, 3), "run.stage", f"must be 1, 2 or 3, got {self.stage}; use --stage 1|2|3")
+
+
+@dataclass
+class LLMConfig:
+    # A local folder or hub id with config + weights + tokenizer (e.g. meta-llama/Llama-2-7b-hf, supplied
+    # by you), or "tiny": a small random-weight Llama the project generates into data.cache_dir.
+    path: str | None = "tiny"
+    # Architecture (transformers config kwargs). Used to build the model when no path is given, and
+    # by `para-train plan` / meta-device builds. With a path, the path's config.json wins.
+    config: dict | None = None
+    layer: int = -1  # which hidden state feeds the UNet: -1 last (ParaDiffusion), -2 penultimate (Kolors)
+    max_length: int = 512  # text tokens; prompts are padded to this and the attention mask is kept
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self):
+        _check(self.path is not None or self.config is not None, "model.llm",
+               "set model.llm.path (weights folder or hub id) or model.llm.config (architecture)")
+        _check(self.layer < 0, "model.llm.layer", f"must be negative (-1 last, -2 penultimate), got {self.layer}")
+        _check(1 <= self.max_length <= 8192, "model.llm.max_length", f"must be in 1..8192, got {self.max_length}")
+
+
+@dataclass
+class LoRAConfig:
+    enabled: bool = False  # stage 1: off (frozen LLM); stages 2-3: on
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+    def __post_init__(self):
+        _check(self.rank >= 1, "model.lora.rank", f"must be >= 1, got {self.rank}")
+        _check(0.0 <= self.dropout < 1.0, "model.lora.dropout", f"must be in [0, 1), got {self.dropout}")
+        _check(len(self.target_modules) > 0, "model.lora.target_modules", "name at least one module, e.g. [q_proj, v_proj]")
+
+
+TINY_UNET = {
+    "sample_size": 8,
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": [32, 64],
+    "layers_per_block": 1,
+    "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+    "cross_attention_dim": 128,
+    "attention_head_dim": 8,
+    "norm_num_groups": 16,
+}
+
+
+@dataclass
+class UNetConfig:
+    path: str | None = None  # a pretrained UNet2DConditionModel folder (e.g. SDXL's unet/); None = from `config`
+    config: dict = field(default_factory=lambda: dict(TINY_UNET))  # UNet2DConditionModel kwargs
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class VAEConfig:
+    # An AutoencoderKL folder (e.g. madebyollin/sdxl-vae-fp16-fix, supplied by you) or "tiny":
+    # a small random-weight VAE the project generates. Frozen in every stage.
+    path: str = "tiny"
+
+
+@dataclass
+class ModelConfig:
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    projection: bool = False  # a trained linear map from the LLM width to the UNet's cross_attention_dim
+    prediction_type: str = "epsilon"  # or v_prediction
+    min_snr_gamma: float | None = None  # e.g. 5.0 for min-SNR loss weighting
+    num_train_timesteps: int = 1000
+
+    def __post_init__(self):
+        _check(self.prediction_type in ("epsilon", "v_prediction"), "model.prediction_type",
+               f"must be epsilon or v_prediction, got {self.prediction_type!r}")
+        _check(self.min_snr_gamma is None or self.min_snr_gamma > 0, "model.min_snr_gamma", "must be > 0 or null")
+
+
+@dataclass
+class DataConfig:
+    # MDS shards: a local folder or s3://bucket/prefix. None = the synthetic paragraph-scene set,
+    # generated on first use into cache_dir.
+    remote: str | None = None
+    cache_dir: str = "~/.cache/para-train"
+    synthetic_samples: int = 2000
+    synthetic_seed: int = 0
+    resolution: int = 32
+    caption_dropout: float = 0.1  # empty-string captions for classifier-free guidance
+    shuffle: bool = True
+    num_workers: int = 0
+
+    def __post_init__(self):
+        _check(0.0 <= self.caption_dropout < 1.0, "data.caption_dropout", f"must be in [0, 1), got {self.caption_dropout}")
+        _check(self.resolution >= 8 and self.resolution % 8 == 0, "data.resolution",
+               f"must be a multiple of 8 (the VAE downsamples by 8), got {self.resolution}")
+        _check(self.synthetic_samples >= 1, "data.synthetic_samples", "must be >= 1")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300  # optimizer steps in this stage
+    micro_batch_size: int = 8  # per rank
+    grad_accum: int = 1
+    lr: float = 2e-4
+    lora_lr: float | None = None  # None = lr
+    warmup_steps: int = 20
+    lr_schedule: str = "cosine"  # cosine | linear | constant (after warmup)
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999  # 0 disables the EMA
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    max_consecutive_skips: int = 10  # stop after this many non-finite steps in a row
+    log_every: int = 10
+
+    def __post_init__(self):
+        _check(self.steps >= 1, "train.steps", f"must be >= 1, got {self.steps}")
+        _check(self.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
+        _check(self.grad_accum >= 1, "train.grad_accum", "must be >= 1")
+        _check(self.lr > 0, "train.lr", "must be > 0")
+        _check(self.lr_schedule in ("cosine", "linear", "constant"), "train.lr_schedule",
+               f"must be cosine, linear or constant, got {self.lr_schedule!r}")
+        _check(0.0 <= self.ema_decay < 1.0, "train.ema_decay", f"must be in [0, 1), got {self.ema_decay}")
+        _check(self.precision in ("auto", "fp32", "bf16"), "train.precision",
+               f"must be auto, fp32 or bf16, got {self.precision!r}")
+        _check(len(self.betas) == 2, "train.betas", "give two numbers, e.g. [0.9, 0.999]")
+        _check(self.max_consecutive_skips >= 1, "train.max_consecutive_skips", "must be >= 1")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 100  # steps between checkpoints (one is always written at the end)
+    keep: int = 2  # complete checkpoints kept (>= 2 so a crash while writing leaves one)
+    resume: str = "auto"  # auto (latest complete one in the stage dir, if any) | never | a checkpoint folder
+    # Where this stage's weights come from: "auto" = the previous stage's final weights in run.dir
+    # (stage 1: none), or a folder holding final weights, or "none".
+    init_from: str = "auto"
+
+    def __post_init__(self):
+        _check(self.every >= 1, "checkpoint.every", "must be >= 1")
+        _check(self.keep >= 2, "checkpoint.keep", f"must be >= 2 so a crash mid-write leaves a complete one, got {self.keep}")
+
+
+@dataclass
+class DeepSpeedSection:
+    config: str = "configs/deepspeed/zero3_tiny.json"  # base DeepSpeed JSON (relative to the repo or absolute)
+    zero_stage: int = 3
+    offload_optimizer: bool = False
+    offload_params: bool = False
+
+    def __post_init__(self):
+        _check(self.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", "must be 0..3")
+
+
+@dataclass
+class KernelsConfig:
+    lora: str = "auto"  # auto | triton | torch
+    cross_attention: str = "auto"  # auto | triton | flash_attn | sdpa
+
+    def __post_init__(self):
+        _check(self.lora in ("auto", "triton", "torch"), "kernels.lora", f"must be auto, triton or torch, got {self.lora!r}")
+        _check(self.cross_attention in ("auto", "triton", "flash_attn", "sdpa"), "kernels.cross_attention",
+               f"must be auto, triton, flash_attn or sdpa, got {self.cross_attention!r}")
+
+
+@dataclass
+class SampleConfig:
+    prompts: list[str] | None = None  # None = a fixed list of synthetic scene paragraphs
+    num_images: int = 4
+    steps: int = 20
+    guidance_scale: float = 7.5
+    seed: int = 1234
+
+
+@dataclass
+class DebugConfig:
+    """Fault injection for tests and drills; leave at the defaults in real runs."""
+    nan_loss_at_step: int = -1  # make the loss NaN on one rank at this step (once)
+    nan_loss_rank: int = 0
+    kill_in_checkpoint_at_step: int = -1  # SIGKILL every rank while writing this step's checkpoint
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
+
+    def __post_init__(self):
+        stage = self.run.stage
+        if stage == 1:
+            _check(not self.model.lora.enabled, "model.lora.enabled",
+                   "stage 1 trains the UNet with a frozen LLM and no LoRA; set model.lora.enabled=false or use --stage 2")
+        else:
+            _check(self.model.lora.enabled, "model.lora.enabled",
+                   f"stage {stage} trains LoRA on the LLM; set model.lora.enabled=true (with model.lora.rank etc.)")
+
+    # ---- paths derived from the config (one place) ----
+    @property
+    def stage_dir(self) -> Path:
+        return Path(self.run.dir).expanduser() / f"stage{self.run.stage}"
+
+    @property
+    def cache_dir(self) -> Path:
+        return Path(self.data.cache_dir).expanduser()
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# Stage defaults sit between the dataclass defaults and the YAML file.
+STAGE_DEFAULTS: dict[int, dict[str, Any]] = {
+    1: {"model.lora.enabled": False, "train.steps": 300},
+    2: {"model.lora.enabled": True, "train.steps": 150, "data.synthetic_seed": 1, "data.synthetic_samples": 1000},
+    3: {"model.lora.enabled": True, "train.steps": 80, "train.lr": 5e-5, "train.warmup_steps": 5,
+        "data.synthetic_seed": 2, "data.synthetic_samples": 200},
+}
+
+
+# ---------------------------------------------------------------- building from dicts
+
+
+def _resolve_hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check (and gently convert) a YAML/CLI value against a dataclass field's type."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None:
+            _check(type(None) in args, key, "may not be null")
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if dataclasses.is_dataclass(hint):
+        _check(isinstance(value, dict), key, f"expected a mapping of {hint.__name__} fields, got {value!r}")
+        return _build(hint, value, key)
+    if origin is list:
+        _check(isinstance(value, (list, tuple)), key, f"expected a list, got {value!r}")
+        (item,) = typing.get_args(hint) or (Any,)
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or hint is dict:
+        _check(isinstance(value, dict), key, f"expected a mapping, got {value!r}")
+        return dict(value)
+    if hint is Any:
+        return value
+    if hint is bool:
+        _check(isinstance(value, bool), key, f"expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        _check(isinstance(value, int) and not isinstance(value, bool), key, f"expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool), key, f"expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        _check(isinstance(value, str), key, f"expected a string, got {value!r}")
+        return value
+    raise AssertionError(f"unsupported config type {hint} at {key}")
+
+
+def _build(cls, data: dict, prefix: str = ""):
+    hints = _resolve_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else key
+        if key not in names:
+            raise ConfigError(f"{full}: unknown key; valid keys here are: {', '.join(sorted(names))}")
+        kwargs[key] = _coerce(value, hints[key], full)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{dotted}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in ("config",):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value, e.g. train.steps=100")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{key}: cannot parse value {raw!r}: {e}") from None
+    return key.strip(), value
+
+
+def load_config(stage: int, config_file: str | None = None, overrides: list[str] = ()) -> Config:
+    """The one way a Config is made: defaults < stage defaults < YAML < overrides, then validated."""
+    tree: dict = {}
+    for key, value in STAGE_DEFAULTS[stage].items():
+        _set_dotted(tree, key, value)
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError(f"--config: file {config_file} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--config {config_file}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"--config {config_file}: expected a mapping of sections (run:, model:, ...)")
+        file_stage = (data.get("run") or {}).get("stage")
+        if file_stage is not None and file_stage != stage:
+            raise ConfigError(f"run.stage: {config_file} is a stage {file_stage} config but --stage {stage} was given; "
+                              f"use --stage {file_stage} or another config")
+        tree = _deep_merge(tree, data)
+    for text in overrides:
+        key, value = parse_override(text)
+        if key == "run.stage" and value != stage:
+            raise ConfigError("run.stage: set the stage with --stage, not as an override")
+        _set_dotted(tree, key, value)
+    _set_dotted(tree, "run.stage", stage)
+    return _build(Config, tree)
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    tmp.replace(path)
+
+
+def config_from_dict(data: dict) -> Config:
+    """Rebuild a Config saved by `save_config` (used by export and resume checks)."""
+    return _build(Config, data)

@@ -1,0 +1,1 @@
+"""Data: shard writing, streaming, decoding and the synthetic paragraph scenes."""

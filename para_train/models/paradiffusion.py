@@ -1,0 +1,101 @@
+"""The ParaDiffusion module: LLM text encoder (+LoRA, +projection) conditioning a UNet, and the
+DDPM training objective. Free of distributed code: DeepSpeed wraps it from outside.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class TextEncoder(nn.Module):
+    """Paragraph -> per-token features for cross-attention.
+
+    ParaDiffusion feeds the LLM's last hidden state (with the padding mask) straight to the UNet;
+    `layer=-2` takes the penultimate layer as Kolors does. An optional linear projection maps the
+    LLM width to the UNet's cross_attention_dim.
+    """
+
+    def __init__(self, llm: nn.Module, layer: int = -1, projection: nn.Linear | None = None):
+        super().__init__()
+        self.llm = llm
+        self.layer = layer
+        self.projection = projection
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        # A frozen LLM (stage 1) runs without autograd: no activations kept for it.
+        llm_trains = torch.is_grad_enabled() and any(p.requires_grad for p in self.llm.parameters())
+        with torch.set_grad_enabled(llm_trains):
+            out = self.llm(input_ids=input_ids, attention_mask=attention_mask,
+                           output_hidden_states=self.layer != -1, use_cache=False)
+        hidden_BLD = out.last_hidden_state if self.layer == -1 else out.hidden_states[self.layer]
+        if self.projection is not None:
+            hidden_BLD = self.projection(hidden_BLD)
+        return hidden_BLD
+
+
+class NoiseSchedule(nn.Module):
+    """DDPM forward process with SD's scaled-linear betas (the schedule exported with the model)."""
+
+    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012):
+        super().__init__()
+        betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, num_train_timesteps, dtype=torch.float64) ** 2
+        self.num_train_timesteps = num_train_timesteps
+        self.register_buffer("alphas_cumprod", torch.cumprod(1.0 - betas, 0).float(), persistent=False)
+
+    def coefficients(self, t: torch.Tensor, ndim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ac = self.alphas_cumprod.to(t.device)[t].view(-1, *([1] * (ndim - 1)))
+        return ac.sqrt(), (1 - ac).sqrt()
+
+    def snr(self, t: torch.Tensor) -> torch.Tensor:
+        ac = self.alphas_cumprod.to(t.device)[t]
+        return ac / (1 - ac)
+
+
+class ParaDiffusion(nn.Module):
+    """Everything DeepSpeed trains or shards: text encoder and UNet. The frozen VAE stays outside."""
+
+    def __init__(self, text_encoder: TextEncoder, unet: nn.Module, prediction_type: str = "epsilon",
+                 min_snr_gamma: float | None = None, num_train_timesteps: int = 1000):
+        super().__init__()
+        self.text_encoder = text_encoder
+        self.unet = unet
+        self.schedule = NoiseSchedule(num_train_timesteps)
+        self.prediction_type = prediction_type
+        self.min_snr_gamma = min_snr_gamma
+
+    def forward(self, latents: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """Mean diffusion loss of one batch. Noise and timesteps come from the caller's seeded generators."""
+        text_BLD = self.text_encoder(input_ids, attention_mask)
+        a, s = self.schedule.coefficients(timesteps, latents.ndim)
+        noisy = a * latents + s * noise
+        pred = self.unet(noisy.to(text_BLD.dtype), timesteps, encoder_hidden_states=text_BLD,
+                         encoder_attention_mask=attention_mask).sample.float()
+        target = noise if self.prediction_type == "epsilon" else a * noise - s * latents
+        loss_B = F.mse_loss(pred, target.float(), reduction="none").mean(dim=tuple(range(1, pred.ndim)))
+        if self.min_snr_gamma is not None:
+            snr = self.schedule.snr(timesteps)
+            clipped = torch.clamp(snr, max=self.min_snr_gamma)
+            weight = clipped / snr if self.prediction_type == "epsilon" else clipped / (snr + 1)
+            loss_B = loss_B * weight
+        return loss_B.mean()
+
+
+class LatentEncoder(nn.Module):
+    """The frozen VAE: pixels in [-1, 1] -> scaled latents (and back for samples)."""
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae.requires_grad_(False).eval()
+        self.scaling_factor = float(vae.config.scaling_factor)
+        self.shift_factor = float(getattr(vae.config, "shift_factor", None) or 0.0)
+
+    @torch.no_grad()
+    def encode(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        dist = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
+        return ((dist.sample(generator) - self.shift_factor) * self.scaling_factor).float()
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode((latents / self.scaling_factor + self.shift_factor).to(self.vae.dtype)).sample.float()

@@ -1,0 +1,73 @@
+"""The launcher's distributed variables, read in this one place, and process-group start-up.
+
+`deepspeed`, `torchrun` and the Slurm launcher set RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR /
+MASTER_PORT; with no launcher, main.py runs as a single process on a free loopback port.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    use_cuda: bool
+    mlflow_tracking_uri: str | None
+    slurm_job_id: str | None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def num_nodes(self) -> int:
+        return max(1, self.world_size // max(1, self.local_world_size))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_env() -> DistEnv:
+    """Fill in single-process defaults and return the launcher's view of this process."""
+    env = os.environ
+    if "RANK" not in env:
+        env.setdefault("MASTER_ADDR", "127.0.0.1")
+        env.setdefault("MASTER_PORT", str(_free_port()))
+        env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    world_size = int(env["WORLD_SIZE"])
+    # MosaicML streaming reads LOCAL_WORLD_SIZE to tell nodes apart; the deepspeed launcher sets LOCAL_SIZE.
+    local_world = int(env.get("LOCAL_WORLD_SIZE") or env.get("LOCAL_SIZE") or world_size)
+    env["LOCAL_WORLD_SIZE"] = str(local_world)
+    use_cuda = torch.cuda.is_available()
+    if not use_cuda:
+        env.setdefault("DS_ACCELERATOR", "cpu")
+    return DistEnv(rank=int(env["RANK"]), world_size=world_size, local_rank=int(env.get("LOCAL_RANK", 0)),
+                   local_world_size=local_world, use_cuda=use_cuda,
+                   mlflow_tracking_uri=env.get("MLFLOW_TRACKING_URI"), slurm_job_id=env.get("SLURM_JOB_ID"))
+
+
+def init_process_group(dist_env: DistEnv) -> None:
+    import deepspeed
+
+    if dist_env.use_cuda:
+        torch.cuda.set_device(dist_env.local_rank)
+    deepspeed.init_distributed(dist_backend="nccl" if dist_env.use_cuda else "gloo")
+
+
+def barrier() -> None:
+    torch.distributed.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+    return t

@@ -1,0 +1,167 @@
+"""Building the ParaDiffusion model under ZeRO-3 and wrapping it in a DeepSpeed engine."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import deepspeed
+import torch
+from torch import nn
+
+from para_train.config import REPO_ROOT, Config, ConfigError
+from para_train.models import build
+from para_train.models.paradiffusion import LatentEncoder, ParaDiffusion, TextEncoder
+from para_train.training import weights
+from para_train.training.distributed import DistEnv
+
+log = logging.getLogger(__name__)
+
+
+def deepspeed_config(cfg: Config, dist_env: DistEnv) -> dict:
+    """The base DeepSpeed JSON merged with this stage's settings."""
+    path = Path(cfg.deepspeed.config)
+    if not path.is_absolute():
+        path = REPO_ROOT / path
+    if not path.is_file():
+        raise ConfigError(f"deepspeed.config: {path} does not exist; point it at a DeepSpeed JSON such as "
+                          "configs/deepspeed/zero3.json")
+    ds = json.loads(path.read_text())
+    t = cfg.train
+    bf16 = t.precision == "bf16" or (t.precision == "auto" and dist_env.use_cuda)
+    zero = ds.setdefault("zero_optimization", {})
+    zero["stage"] = cfg.deepspeed.zero_stage
+    if cfg.deepspeed.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": dist_env.use_cuda}
+    if cfg.deepspeed.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": dist_env.use_cuda}
+    ds.update({
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": t.micro_batch_size * t.grad_accum * dist_env.world_size,
+        "gradient_clipping": t.grad_clip,
+        "bf16": {"enabled": bf16},
+        "fp16": {"enabled": False},
+        "optimizer": {"type": "AdamW", "params": {
+            "lr": t.lr, "betas": list(t.betas), "eps": 1e-8, "weight_decay": t.weight_decay,
+            # On the CPU, torch's AdamW avoids DeepSpeed JIT-building its fused optimizers.
+            **({} if dist_env.use_cuda else {"torch_adam": True})}},
+    })
+    ds.setdefault("steps_per_print", 10 ** 9)
+    return ds
+
+
+def lr_lambda(cfg: Config):
+    t = cfg.train
+
+    def factor(step: int) -> float:
+        if step < t.warmup_steps:
+            return (step + 1) / t.warmup_steps
+        if t.lr_schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps))
+        shape = 0.5 * (1 + math.cos(math.pi * progress)) if t.lr_schedule == "cosine" else 1 - progress
+        return t.min_lr_ratio + (1 - t.min_lr_ratio) * shape
+
+    return factor
+
+
+def resolve_init_from(cfg: Config) -> Path | None:
+    """The folder of final weights this stage starts from (validated before any process starts)."""
+    value = cfg.checkpoint.init_from
+    if value == "none" or (value == "auto" and cfg.run.stage == 1):
+        return None
+    folder = (Path(cfg.run.dir).expanduser() / f"stage{cfg.run.stage - 1}" / "final") if value == "auto" else Path(value)
+    if not (folder / "final.json").is_file():
+        prev = cfg.run.stage - 1
+        raise ConfigError(
+            f"checkpoint.init_from: no complete final weights at {folder}. "
+            + (f"Run stage {prev} first (deepspeed para_train/main.py --stage {prev} run.dir={cfg.run.dir}), "
+               if value == "auto" else "")
+            + "or set checkpoint.init_from=<folder with final.json> (or none to start fresh)")
+    return folder
+
+
+@dataclass
+class Built:
+    model: ParaDiffusion
+    latent_encoder: LatentEncoder
+    tokenizer: object
+    num_params: dict
+
+
+def build_model(cfg: Config, dist_env: DistEnv, ds_config: dict) -> Built:
+    """Build every part, load pretrained / previous-stage weights, freeze per stage. Collective."""
+    m = cfg.model
+    cache = cfg.cache_dir
+    llm_path = build.resolve_llm_path(m.llm, cache)
+    tokenizer = build.load_tokenizer(llm_path, m.llm.max_length) if llm_path else None
+    if tokenizer is None:
+        raise ConfigError("model.llm.path: a tokenizer is needed to train; set model.llm.path to a folder with one")
+    llm_conf = build.llm_config(m.llm, llm_path)
+    unet_conf = build.unet_config(m.unet)
+    width, cross = llm_conf.hidden_size, unet_conf.get("cross_attention_dim", 1280)
+    if width != cross and not m.projection:
+        raise ConfigError(f"model.projection: the LLM width is {width} but the UNet's cross_attention_dim is {cross}; "
+                          "set model.projection=true or make model.unet.config.cross_attention_dim match")
+
+    torch.manual_seed(cfg.run.seed)  # identical fresh weights on every rank
+    zero3 = ds_config["zero_optimization"]["stage"] == 3
+    with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=zero3):
+        llm = build.build_llm(llm_conf)
+        unet = build.build_unet(unet_conf)
+        projection = build.build_projection(width, cross) if m.projection else None
+    if llm_path is not None:
+        with build.read_weights(llm_path, strip_prefixes=("model.",)) as reader:
+            weights.copy_into(llm, reader, dist_env.rank)
+    if m.unet.path is not None:
+        with build.read_weights(m.unet.path) as reader:
+            weights.copy_into(unet, reader, dist_env.rank)
+    if m.lora.enabled:
+        llm = build.add_lora(llm, m.lora)
+    if m.llm.gradient_checkpointing:
+        llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if m.unet.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    model = ParaDiffusion(TextEncoder(llm, m.llm.layer, projection), unet, m.prediction_type, m.min_snr_gamma,
+                          m.num_train_timesteps)
+
+    init_from = resolve_init_from(cfg)
+    if init_from is not None:
+        counts = weights.load_final(model, init_from, dist_env.rank, with_lora=m.lora.enabled)
+        log.info("initialised from %s: %s", init_from, counts)
+
+    # Freeze per stage: the LLM base is always frozen; LoRA (stages 2-3), UNet and projection train.
+    for name, p in model.named_parameters():
+        p.requires_grad_(not name.startswith("text_encoder.llm.") or "lora_" in name)
+
+    vae = build.load_vae(build.resolve_vae_path(m.vae.path, cache))
+    if dist_env.use_cuda:
+        vae = vae.to(f"cuda:{dist_env.local_rank}", torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32)
+    counts = {"trainable": sum(_numel(p) for p in model.parameters() if p.requires_grad),
+              "total": sum(_numel(p) for p in model.parameters())}
+    return Built(model, LatentEncoder(vae), tokenizer, counts)
+
+
+def _numel(p: torch.Tensor) -> int:
+    return p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+
+
+def param_groups(model: nn.Module, cfg: Config) -> list[dict]:
+    lora, rest = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (lora if "lora_" in name else rest).append(p)
+    groups = [{"params": rest, "lr": cfg.train.lr, "name": "unet"}]
+    if lora:
+        groups.append({"params": lora, "lr": cfg.train.lora_lr or cfg.train.lr, "name": "lora"})
+    return groups
+
+
+def initialize(cfg: Config, built: Built, ds_config: dict):
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=built.model, model_parameters=param_groups(built.model, cfg), config=ds_config,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
+    return engine, optimizer, scheduler

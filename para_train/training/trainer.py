@@ -1,0 +1,324 @@
+"""The training loop of one stage: data -> ParaDiffusion -> DeepSpeed step, with guards, EMA,
+checkpoints, progress and tracking."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import signal
+import time
+from pathlib import Path
+
+import torch
+from filelock import FileLock
+
+from para_train.config import Config, save_config
+from para_train.data.dataset import build_loader
+from para_train.data.shards import ensure_synthetic_shards
+from para_train.data.synthetic import synthetic_sample
+from para_train.sampling import grid, sample_latents, to_pil
+from para_train.tracking import create_tracker
+from para_train.training import checkpoint, engine as engine_mod, weights
+from para_train.training.distributed import DistEnv, all_reduce_sum, barrier
+from para_train.training.ema import ShardedEMA
+
+log = logging.getLogger(__name__)
+
+# Exit code after a checkpoint forced by a signal: "saved, please requeue" (EX_TEMPFAIL).
+REQUEUE_EXIT_CODE = 75
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+class StopRequested(SystemExit):
+    pass
+
+
+class Trainer:
+    def __init__(self, cfg: Config, dist_env: DistEnv):
+        self.cfg, self.env = cfg, dist_env
+        self.rank = dist_env.rank
+        self.stage_dir = cfg.stage_dir
+        self.ckpt_root = self.stage_dir / "checkpoints"
+        self.device = torch.device(f"cuda:{dist_env.local_rank}" if dist_env.use_cuda else "cpu")
+        self._stop_signal = False
+        if self.rank == 0:
+            self.stage_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.stage_dir / "config.yaml")
+        barrier()
+
+        ds_config = engine_mod.deepspeed_config(cfg, dist_env)
+        self.data_dir = self._prepare_data()
+        built = engine_mod.build_model(cfg, dist_env, ds_config)
+        self.tokenizer, self.latent_encoder, self.num_params = built.tokenizer, built.latent_encoder, built.num_params
+        self.engine, self.optimizer, self.scheduler = engine_mod.initialize(cfg, built, ds_config)
+        self.model = self.engine.module
+        trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        self.ema = ShardedEMA(trainable, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
+        # Noise, timesteps, VAE sampling and caption dropout draw from this generator only (seed, stage, rank).
+        self.gen = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + cfg.run.stage * 1009 + self.rank)
+        empty = self.tokenizer([""], max_length=cfg.model.llm.max_length, padding="max_length", truncation=True,
+                               return_tensors="pt")
+        self.empty_ids, self.empty_mask = empty["input_ids"][0], empty["attention_mask"][0]
+        self.loader = build_loader(
+            local=self.data_dir, remote=None, tokenizer=self.tokenizer, max_length=cfg.model.llm.max_length,
+            resolution=cfg.data.resolution, batch_size=cfg.train.micro_batch_size, shuffle=cfg.data.shuffle,
+            seed=cfg.run.seed, num_workers=cfg.data.num_workers)
+        self.step = 0
+        self.skipped_steps = 0
+        self.consecutive_skips = 0
+        self.images_seen = 0
+        self.run_id = None
+        self._resume()
+        self.tracker = create_tracker(cfg.tracking, str(self.stage_dir), self.rank,
+                                      env_tracking_uri=dist_env.mlflow_tracking_uri, resume_run_id=self.run_id,
+                                      tags={"stage": str(cfg.run.stage), "slurm_job_id": dist_env.slurm_job_id or ""})
+        self.run_id = self.tracker.run_id
+        if self.step == 0:
+            self.tracker.log_params({**cfg.to_dict(), "world_size": dist_env.world_size,
+                                     "num_nodes": dist_env.num_nodes, **{f"params.{k}": v for k, v in self.num_params.items()}})
+
+    # ------------------------------------------------------------------ set-up
+    def _prepare_data(self) -> str:
+        d = self.cfg.data
+        if d.remote is not None:
+            return d.remote
+        cache = self.cfg.cache_dir
+        cache.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(cache / "synthetic.lock")):  # one process generates, the others wait
+            out = ensure_synthetic_shards(cache, d.synthetic_seed, d.synthetic_samples)
+        return str(out)
+
+    def _resume(self) -> None:
+        c = self.cfg.checkpoint
+        if c.resume == "never":
+            return
+        path = latest = checkpoint.latest_checkpoint(self.ckpt_root) if c.resume == "auto" else Path(c.resume)
+        if path is None:
+            return
+        if not (path / checkpoint.COMPLETE).is_file():
+            raise ValueError(f"checkpoint.resume: {path} is not a complete checkpoint (no {checkpoint.COMPLETE} marker)")
+        meta = checkpoint.read_meta(path)
+        if meta["world_size"] != self.env.world_size:
+            raise ValueError(f"checkpoint {path} was written by {meta['world_size']} ranks but this run has "
+                             f"{self.env.world_size}; resume with the same number of ranks, or set "
+                             "checkpoint.resume=never to start over")
+        state = checkpoint.load(self.engine, path, self.rank)
+        self.step, self.skipped_steps, self.images_seen = state["step"], state["skipped_steps"], state["images_seen"]
+        self.run_id = state.get("run_id")
+        checkpoint.set_rng_state(state["rng"])
+        self.gen.set_state(state["generator"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.loader.load_state_dict(state["loader"])
+        if self.rank == 0:
+            self._truncate_metrics(self.step)
+            log.info("resumed from %s at step %d", latest, self.step)
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop log lines from steps after the checkpoint: they will be run again."""
+        path = self.stage_dir / "metrics.jsonl"
+        if path.exists():
+            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("".join(x + "\n" for x in kept))
+            os.replace(tmp, path)
+
+    def _on_signal(self, signum, frame) -> None:
+        self._stop_signal = True  # acted on at the next step boundary, on every rank at once
+
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> None:
+        cfg = self.cfg
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._on_signal)
+        batches = self._batches()
+        t_last, samples_since = time.perf_counter(), 0
+        start_step = self.step
+        t_start = time.perf_counter()
+        if self.rank == 0:
+            log.info("stage %d: %d steps, %d ranks, micro batch %d x accum %d; trainable %.2fM of %.2fM parameters",
+                     cfg.run.stage, cfg.train.steps, self.env.world_size, cfg.train.micro_batch_size,
+                     cfg.train.grad_accum, self.num_params["trainable"] / 1e6, self.num_params["total"] / 1e6)
+        while self.step < cfg.train.steps:
+            metrics, stop = self._train_step(batches)
+            self.step += 1
+            self.images_seen += cfg.train.micro_batch_size * cfg.train.grad_accum * self.env.world_size
+            samples_since += cfg.train.micro_batch_size * cfg.train.grad_accum * self.env.world_size
+            if self.rank == 0:
+                now = time.perf_counter()
+                metrics["samples_per_s"] = samples_since / (now - t_last)
+                t_last, samples_since = now, 0
+                self._log(metrics, t_start, start_step)
+            if self.step % cfg.checkpoint.every == 0 or self.step == cfg.train.steps or stop:
+                self._save_checkpoint()
+            if stop:
+                if self.rank == 0:
+                    log.warning("stop requested by signal: checkpoint saved at step %d; exiting with %d so the job "
+                                "is requeued", self.step, REQUEUE_EXIT_CODE)
+                raise StopRequested(REQUEUE_EXIT_CODE)
+        self._finish()
+
+    def _batches(self):
+        while True:
+            yielded = False
+            for batch in self.loader:
+                yielded = True
+                yield batch
+            if not yielded:
+                raise RuntimeError(f"the data set at {self.data_dir} yielded no batch of {self.cfg.train.micro_batch_size} "
+                                   "per rank; use more samples or a smaller train.micro_batch_size")
+
+    def _train_step(self, batches) -> tuple[dict, bool]:
+        cfg, dbg = self.cfg, self.cfg.debug
+        t0 = time.perf_counter()
+        data_wait = 0.0
+        losses, truncated, stop = [], 0.0, False
+        micro = 0
+        while micro < cfg.train.grad_accum:
+            td = time.perf_counter()
+            batch = next(batches)
+            data_wait += time.perf_counter() - td
+            loss = self._forward(batch)
+            if dbg.nan_loss_at_step == self.step + 1 and dbg.nan_loss_rank == self.rank and self.skipped_steps == 0:
+                loss = loss * float("nan")
+            finite = bool(torch.isfinite(loss))
+            stats = torch.tensor([loss.item() if finite else 0.0, 0.0 if finite else 1.0, float(self._stop_signal),
+                                  float(batch["truncated"].float().mean())], dtype=torch.float64)
+            all_reduce_sum(stats)
+            stop = stop or stats[2].item() > 0
+            if stats[1].item() > 0:  # a non-finite loss on any rank: every rank skips this update
+                self.skipped_steps += 1
+                self.consecutive_skips += 1
+                if self.rank == 0:
+                    log.warning("step %d: non-finite loss on %d rank(s); update skipped (%d in a row)",
+                                self.step + 1, int(stats[1].item()), self.consecutive_skips)
+                if self.consecutive_skips >= cfg.train.max_consecutive_skips:
+                    raise NonFiniteError(f"{self.consecutive_skips} consecutive non-finite steps at step {self.step + 1}: "
+                                         "lower train.lr, check the data, or resume from an earlier checkpoint")
+                continue
+            self.engine.backward(loss)
+            self.engine.step()
+            losses.append(stats[0].item() / self.env.world_size)
+            truncated += stats[3].item() / self.env.world_size
+            micro += 1
+        self.consecutive_skips = 0
+        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        if not torch.isfinite(torch.tensor(grad_norm)):
+            self.skipped_steps += 1  # DeepSpeed discarded this update (non-finite gradients)
+        elif self.ema is not None:
+            self.ema.update()
+        metrics = {"loss": sum(losses) / len(losses), "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                   "skipped_steps": self.skipped_steps, "data_wait_s": data_wait,
+                   "compute_s": time.perf_counter() - t0 - data_wait, "truncation_rate": truncated / len(losses),
+                   "images_seen": self.images_seen + cfg.train.micro_batch_size * cfg.train.grad_accum * self.env.world_size,
+                   "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        return metrics, stop
+
+    def _forward(self, batch: dict) -> torch.Tensor:
+        p = self.cfg.data.caption_dropout
+        ids, mask = batch["input_ids"].clone(), batch["attention_mask"].clone()
+        b = ids.shape[0]
+        drop = torch.rand(b, generator=self.gen) < p
+        ids[drop], mask[drop] = self.empty_ids, self.empty_mask
+        latents = self.latent_encoder.encode(batch["pixels"].to(self.device), generator=self.gen
+                                             if self.device.type == "cpu" else None)
+        noise = torch.randn(latents.shape, generator=self.gen)
+        t = torch.randint(0, self.cfg.model.num_train_timesteps, (b,), generator=self.gen)
+        d = self.device
+        return self.engine(latents.to(d), ids.to(d), mask.to(d), noise.to(d), t.to(d))
+
+    # ------------------------------------------------------------------ outputs
+    def _log(self, metrics: dict, t_start: float, start_step: int) -> None:
+        cfg = self.cfg
+        record = {"step": self.step, **metrics}
+        with open(self.stage_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
+            elapsed = time.perf_counter() - t_start
+            rate = (self.step - start_step) / max(elapsed, 1e-9)
+            eta = (cfg.train.steps - self.step) / max(rate, 1e-9)
+            log.info("step %d/%d  loss %.4f  lr %.2e  grad %.3f  %.1f samples/s  ETA %s", self.step, cfg.train.steps,
+                     metrics["loss"], metrics["lr"], metrics["grad_norm"], metrics["samples_per_s"],
+                     time.strftime("%H:%M:%S", time.gmtime(eta)))
+        if self.step % cfg.tracking.log_every == 0 or self.step == cfg.train.steps:
+            self.tracker.log_metrics(metrics, self.step)
+
+    def _save_checkpoint(self) -> None:
+        dbg = self.cfg.debug
+        state = {"step": self.step, "skipped_steps": self.skipped_steps, "images_seen": self.images_seen,
+                 "rng": checkpoint.rng_state(), "generator": self.gen.get_state(), "run_id": self.run_id,
+                 "ema": self.ema.state_dict() if self.ema is not None else None,
+                 "loader": self.loader.state_dict()}
+        meta = {"world_size": self.env.world_size, "stage": self.cfg.run.stage}
+        if dbg.kill_in_checkpoint_at_step == self.step:
+            _kill_after_engine_save(self.engine, self.ckpt_root, self.step)
+        checkpoint.save(self.engine, self.ckpt_root, self.step, self.rank, state, meta, self.cfg.checkpoint.keep)
+
+    def _finish(self) -> None:
+        cfg = self.cfg
+        final = self.stage_dir / "final"
+        ema_state = None
+        if self.ema is not None:
+            with self.ema.swapped_in():
+                ema_state = weights.gather_full(self.model, self.rank, keep=lambda n, p: p.requires_grad)
+        if self.rank == 0 and final.exists():
+            import shutil
+            shutil.rmtree(final)
+        weights.save_final(self.model, final, self.rank, ema_state)
+        samples = self._samples()
+        barrier()
+        if self.rank == 0:
+            if self.run_id:
+                (final / "mlflow_run_id").write_text(self.run_id + "\n")
+            if samples is not None:
+                self.tracker.log_image(samples, f"samples/step_{self.step:08d}.png")
+            self.tracker.log_artifact(str(self.stage_dir / "config.yaml"))
+            nxt = cfg.run.stage + 1
+            log.info("stage %d done: final weights in %s, checkpoints in %s, samples in %s, metrics in %s%s",
+                     cfg.run.stage, final, self.ckpt_root, self.stage_dir / "samples", self.stage_dir / "metrics.jsonl",
+                     f"; next: deepspeed para_train/main.py --stage {nxt} run.dir={cfg.run.dir}" if nxt <= 3 else "")
+            log.info("to go bigger: --config configs/stage%d_*.yaml (real-scale weights you supply), "
+                     "or sbatch cluster/stage1_64nodes.sh", cfg.run.stage)
+
+    def _samples(self):
+        s, cfg = self.cfg.sample, self.cfg
+        if s.num_images <= 0:
+            return None
+        prompts = s.prompts or [synthetic_sample(10_000 + cfg.data.synthetic_seed, i).caption for i in range(s.num_images)]
+        self.model.eval()
+        unet = self.model.unet
+        lat = cfg.data.resolution // 8
+        latents = sample_latents(self.model.text_encoder, unet, self.tokenizer, prompts,
+                                 max_length=cfg.model.llm.max_length,
+                                 latent_shape=(unet.config.in_channels, lat, lat), seed=s.seed, steps=s.steps,
+                                 guidance_scale=s.guidance_scale, prediction_type=cfg.model.prediction_type,
+                                 num_train_timesteps=cfg.model.num_train_timesteps, device=self.device)
+        self.model.train()
+        if self.rank != 0:
+            return None
+        images = to_pil(self.latent_encoder.decode(latents))
+        out = self.stage_dir / "samples"
+        out.mkdir(exist_ok=True)
+        for i, img in enumerate(images):
+            img.save(out / f"step{self.step:08d}_{i}.png")
+        g = grid(images)
+        g.save(out / f"grid_step{self.step:08d}.png")
+        (out / "prompts.json").write_text(json.dumps({"prompts": prompts, "seed": s.seed, "steps": s.steps,
+                                                      "guidance_scale": s.guidance_scale}, indent=1))
+        return g
+
+    def close(self) -> None:
+        tracker = getattr(self, "tracker", None)
+        if tracker is not None:
+            tracker.close()
+
+
+def _kill_after_engine_save(engine, root: Path, step: int) -> None:
+    """Fault injection (debug.kill_in_checkpoint_at_step): die after the shards are written, before COMPLETE."""
+    engine.save_checkpoint(str(root), tag=checkpoint.tag_for(step), save_latest=False)
+    os.kill(os.getpid(), signal.SIGKILL)
