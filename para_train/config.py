@@ -393,6 +393,22 @@ def load_config(stage: int, config_file: str | None = None, overrides: list[str]
     return _build(Config, tree)
 
 
+def resolve_init_from(cfg: Config) -> Path | None:
+    """The folder of final weights this stage starts from (validated before any process starts)."""
+    value = cfg.checkpoint.init_from
+    if value == "none" or (value == "auto" and cfg.run.stage == 1):
+        return None
+    folder = (Path(cfg.run.dir).expanduser() / f"stage{cfg.run.stage - 1}" / "final") if value == "auto" else Path(value)
+    if not (folder / "final.json").is_file():
+        prev = cfg.run.stage - 1
+        raise ConfigError(
+            f"checkpoint.init_from: no complete final weights at {folder}. "
+            + (f"Run stage {prev} first (deepspeed para_train/main.py --stage {prev} run.dir={cfg.run.dir}), "
+               if value == "auto" else "")
+            + "or set checkpoint.init_from=<folder with final.json> (or none to start fresh)")
+    return folder
+
+
 def save_config(cfg: Config, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")

@@ -34,10 +34,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    from para_train.config import ConfigError, load_config
+    from para_train.config import ConfigError, load_config, resolve_init_from
     from para_train.training.distributed import init_process_group, read_env
-    from para_train.training.engine import resolve_init_from
+    
+    import warnings
 
+    warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation chatter from torch/transformers
     args = parse_args(argv)
     dist_env = read_env()
     logging.basicConfig(level=logging.INFO if dist_env.rank == 0 else logging.WARNING,

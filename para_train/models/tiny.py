@@ -11,6 +11,7 @@ import random
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 from filelock import FileLock
 
@@ -64,8 +65,8 @@ def _build_vae(out: Path):
     vae = AutoencoderKL(**TINY_VAE)
     # Its own scaling factor: scale latents of synthetic images to unit variance, as SD's 0.18215 does.
     rng = random.Random("para-train-vae-scale")
-    imgs = torch.stack([torch.tensor(list(render(make_scene(rng), 32).getdata()), dtype=torch.float32)
-                        .view(32, 32, 3).permute(2, 0, 1) for _ in range(32)]) / 127.5 - 1
+    imgs = torch.stack([torch.from_numpy(np.asarray(render(make_scene(rng), 32), dtype=np.float32)).permute(2, 0, 1)
+                        for _ in range(32)]) / 127.5 - 1
     std = vae.encode(imgs).latent_dist.mode().std().item()
     vae.register_to_config(scaling_factor=round(1.0 / std, 5))
     vae.save_pretrained(out, safe_serialization=True)

@@ -11,7 +11,7 @@ import deepspeed
 import torch
 from torch import nn
 
-from para_train.config import REPO_ROOT, Config, ConfigError
+from para_train.config import REPO_ROOT, Config, ConfigError, resolve_init_from
 from para_train.models import build
 from para_train.models.paradiffusion import LatentEncoder, ParaDiffusion, TextEncoder
 from para_train.training import weights
@@ -66,22 +66,6 @@ def lr_lambda(cfg: Config):
         return t.min_lr_ratio + (1 - t.min_lr_ratio) * shape
 
     return factor
-
-
-def resolve_init_from(cfg: Config) -> Path | None:
-    """The folder of final weights this stage starts from (validated before any process starts)."""
-    value = cfg.checkpoint.init_from
-    if value == "none" or (value == "auto" and cfg.run.stage == 1):
-        return None
-    folder = (Path(cfg.run.dir).expanduser() / f"stage{cfg.run.stage - 1}" / "final") if value == "auto" else Path(value)
-    if not (folder / "final.json").is_file():
-        prev = cfg.run.stage - 1
-        raise ConfigError(
-            f"checkpoint.init_from: no complete final weights at {folder}. "
-            + (f"Run stage {prev} first (deepspeed para_train/main.py --stage {prev} run.dir={cfg.run.dir}), "
-               if value == "auto" else "")
-            + "or set checkpoint.init_from=<folder with final.json> (or none to start fresh)")
-    return folder
 
 
 @dataclass

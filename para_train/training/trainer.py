@@ -2,6 +2,7 @@
 checkpoints, progress and tracking."""
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -13,7 +14,7 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 
-from para_train.config import Config, save_config
+from para_train.config import Config, ConfigError, save_config
 from para_train.data.dataset import build_loader
 from para_train.data.shards import ensure_synthetic_shards
 from para_train.data.synthetic import synthetic_sample
@@ -51,7 +52,7 @@ class Trainer:
         barrier()
 
         ds_config = engine_mod.deepspeed_config(cfg, dist_env)
-        self.data_dir = self._prepare_data()
+        self.data_dir, data_remote = self._prepare_data()
         built = engine_mod.build_model(cfg, dist_env, ds_config)
         self.tokenizer, self.latent_encoder, self.num_params = built.tokenizer, built.latent_encoder, built.num_params
         self.engine, self.optimizer, self.scheduler = engine_mod.initialize(cfg, built, ds_config)
@@ -64,9 +65,10 @@ class Trainer:
                                return_tensors="pt")
         self.empty_ids, self.empty_mask = empty["input_ids"][0], empty["attention_mask"][0]
         self.loader = build_loader(
-            local=self.data_dir, remote=None, tokenizer=self.tokenizer, max_length=cfg.model.llm.max_length,
+            local=self.data_dir, remote=data_remote, tokenizer=self.tokenizer, max_length=cfg.model.llm.max_length,
             resolution=cfg.data.resolution, batch_size=cfg.train.micro_batch_size, shuffle=cfg.data.shuffle,
             seed=cfg.run.seed, num_workers=cfg.data.num_workers)
+        self._write_shard_report()
         self.step = 0
         self.skipped_steps = 0
         self.consecutive_skips = 0
@@ -82,15 +84,35 @@ class Trainer:
                                      "num_nodes": dist_env.num_nodes, **{f"params.{k}": v for k, v in self.num_params.items()}})
 
     # ------------------------------------------------------------------ set-up
-    def _prepare_data(self) -> str:
+    def _prepare_data(self) -> tuple[str, str | None]:
+        """(local, remote) for the streaming loader."""
         d = self.cfg.data
         if d.remote is not None:
-            return d.remote
+            if "://" not in d.remote:  # a local shard folder: read in place
+                if not (Path(d.remote) / "index.json").is_file():
+                    raise ConfigError(f"data.remote: {d.remote} holds no MDS index.json; convert your data first")
+                return d.remote, None
+            digest = hashlib.sha1(d.remote.encode()).hexdigest()[:12]
+            return str(self.cfg.cache_dir / "streams" / digest), d.remote
         cache = self.cfg.cache_dir
         cache.mkdir(parents=True, exist_ok=True)
         with FileLock(str(cache / "synthetic.lock")):  # one process generates, the others wait
             out = ensure_synthetic_shards(cache, d.synthetic_seed, d.synthetic_samples)
-        return str(out)
+        return str(out), None
+
+    def _write_shard_report(self) -> None:
+        """What this rank holds of each parameter under ZeRO-3: ranks/rank<r>.json in the stage dir."""
+        tensors = {n: [int(p.ds_tensor.numel()) if hasattr(p, "ds_tensor") else p.numel(),
+                       int(getattr(p, "ds_numel", p.numel()))] for n, p in self.model.named_parameters()}
+        report = {"rank": self.rank, "world_size": self.env.world_size,
+                  "local_numel": sum(v[0] for v in tensors.values()), "total_numel": sum(v[1] for v in tensors.values()),
+                  "tensors": tensors}
+        out = self.stage_dir / "ranks"
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"rank{self.rank}.json").write_text(json.dumps(report))
+        if self.rank == 0:
+            log.info("ZeRO-%d: this rank holds %.2fM of %.2fM parameter elements", self.cfg.deepspeed.zero_stage,
+                     report["local_numel"] / 1e6, report["total_numel"] / 1e6)
 
     def _resume(self) -> None:
         c = self.cfg.checkpoint

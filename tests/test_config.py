@@ -1,0 +1,83 @@
+"""Config: bad input fails early with a message naming the key and the fix; real-scale configs build."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from para_train.config import REPO_ROOT, ConfigError, load_config, resolve_init_from
+
+from conftest import MAIN, rank_env
+
+
+def test_defaults_are_the_tiny_stage_configs():
+    s1, s2, s3 = (load_config(s) for s in (1, 2, 3))
+    assert not s1.model.lora.enabled and s2.model.lora.enabled and s3.model.lora.enabled
+    assert s3.train.lr < s2.train.lr
+    assert s1.model.llm.max_length == 512 and s1.data.caption_dropout == pytest.approx(0.1)
+
+
+def test_overrides_are_typed_and_dotted():
+    cfg = load_config(1, overrides=["train.steps=7", "train.lr=0.001", "model.llm.layer=-2", "data.shuffle=false"])
+    assert (cfg.train.steps, cfg.train.lr, cfg.model.llm.layer, cfg.data.shuffle) == (7, 0.001, -2, False)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.stepz=3"], "train.stepz: unknown key; valid keys here are:"),
+    (["train.steps=many"], "train.steps: expected an integer, got 'many'"),
+    (["train.lr=-1"], "train.lr: must be > 0"),
+    (["model.lora.enabled=true"], "stage 1 trains the UNet with a frozen LLM"),
+    (["checkpoint.keep=1"], "checkpoint.keep: must be >= 2"),
+    (["data.resolution=30"], "data.resolution: must be a multiple of 8"),
+    (["kernels.lora=cuda"], "kernels.lora: must be auto, triton or torch"),
+    (["trainsteps"], "expected key=value"),
+])
+def test_bad_overrides_name_the_key_and_fix(overrides, message):
+    with pytest.raises(ConfigError, match=None) as err:
+        load_config(1, overrides=overrides)
+    assert message in str(err.value)
+
+
+def test_stage2_without_lora_and_without_stage1_output(tmp_path):
+    with pytest.raises(ConfigError, match="set model.lora.enabled=true"):
+        load_config(2, overrides=["model.lora.enabled=false"])
+    cfg = load_config(2, overrides=[f"run.dir={tmp_path}"])
+    with pytest.raises(ConfigError, match="Run stage 1 first"):
+        resolve_init_from(cfg)
+    cfg = load_config(3, overrides=[f"checkpoint.init_from={tmp_path / 'nowhere'}"])
+    with pytest.raises(ConfigError, match="no complete final weights at"):
+        resolve_init_from(cfg)
+
+
+def test_config_file_stage_mismatch_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="is a stage 2 config but --stage 1"):
+        (tmp_path / "c.yaml").write_text("run:\n  stage: 2\n")
+        load_config(1, str(tmp_path / "c.yaml"))
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(1, str(tmp_path / "missing.yaml"))
+
+
+def test_cli_reports_config_errors_before_starting_ranks(tmp_path):
+    proc = subprocess.run([sys.executable, str(MAIN), "--stage", "2", f"run.dir={tmp_path}"], env=rank_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "config error: checkpoint.init_from" in proc.stderr and "--stage 1" in proc.stderr
+    assert not (tmp_path / "stage2").exists()  # nothing was started or written
+
+
+@pytest.mark.parametrize("name, stage", [("stage1_pretrain", 1), ("stage2_alignment", 2), ("stage3_quality", 3)])
+def test_real_scale_configs_validate_and_build_on_meta(name, stage):
+    from transformers import LlamaConfig
+
+    from para_train.models.build import build_llm, build_unet
+
+    cfg = load_config(stage, str(REPO_ROOT / "configs" / f"{name}.yaml"))
+    assert cfg.model.llm.config["hidden_size"] == cfg.model.unet.config["cross_attention_dim"] == 4096
+    with torch.device("meta"):
+        llm = build_llm(LlamaConfig(**cfg.model.llm.config))
+        unet = build_unet(cfg.model.unet.config)
+    n_llm = sum(p.numel() for p in llm.parameters())
+    n_unet = sum(p.numel() for p in unet.parameters())
+    assert 6.5e9 < n_llm < 6.8e9, n_llm  # Llama-2-7B is 6.74B; without its LM head 6.61B
+    # SDXL's UNet is 2.57B at text width 2048; width 4096 widens every attn2 to_k/to_v: 2.91B.
+    assert 2.5e9 < n_unet < 3.0e9, n_unet
