@@ -65,9 +65,13 @@ class ParaDiffusion(nn.Module):
         self.min_snr_gamma = min_snr_gamma
 
     def forward(self, latents: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """Mean diffusion loss of one batch. Noise and timesteps come from the caller's seeded generators."""
-        text_BLD = self.text_encoder(input_ids, attention_mask)
+                noise: torch.Tensor, timesteps: torch.Tensor, text_BLD: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean diffusion loss of one batch. Noise and timesteps come from the caller's seeded generators;
+        `text_BLD` may hold precomputed text features (frozen LLM), else the text encoder runs."""
+        if text_BLD is None:
+            text_BLD = self.text_encoder(input_ids, attention_mask)
+        elif self.text_encoder.projection is not None:
+            text_BLD = self.text_encoder.projection(text_BLD)
         a, s = self.schedule.coefficients(timesteps, latents.ndim)
         noisy = a * latents + s * noise
         pred = self.unet(noisy.to(text_BLD.dtype), timesteps, encoder_hidden_states=text_BLD,

@@ -2,7 +2,6 @@
 checkpoints, progress and tracking."""
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -12,11 +11,9 @@ import time
 from pathlib import Path
 
 import torch
-from filelock import FileLock
 
-from para_train.config import Config, ConfigError, save_config
-from para_train.data.dataset import build_loader
-from para_train.data.shards import ensure_synthetic_shards
+from para_train.config import Config, save_config
+from para_train.data.loader import build_train_loader, prepare_data
 from para_train.data.synthetic import synthetic_sample
 from para_train.sampling import grid, sample_latents, to_pil
 from para_train.tracking import create_tracker
@@ -52,7 +49,7 @@ class Trainer:
         barrier()
 
         ds_config = engine_mod.deepspeed_config(cfg, dist_env)
-        self.data_dir, data_remote = self._prepare_data()
+        prepare_data(cfg)  # e.g. generate the synthetic set once, before the model takes memory
         built = engine_mod.build_model(cfg, dist_env, ds_config)
         self.tokenizer, self.latent_encoder, self.num_params = built.tokenizer, built.latent_encoder, built.num_params
         self.engine, self.optimizer, self.scheduler = engine_mod.initialize(cfg, built, ds_config)
@@ -64,10 +61,7 @@ class Trainer:
         empty = self.tokenizer([""], max_length=cfg.model.llm.max_length, padding="max_length", truncation=True,
                                return_tensors="pt")
         self.empty_ids, self.empty_mask = empty["input_ids"][0], empty["attention_mask"][0]
-        self.loader = build_loader(
-            local=self.data_dir, remote=data_remote, tokenizer=self.tokenizer, max_length=cfg.model.llm.max_length,
-            resolution=cfg.data.resolution, batch_size=cfg.train.micro_batch_size, shuffle=cfg.data.shuffle,
-            seed=cfg.run.seed, num_workers=cfg.data.num_workers)
+        self.loader = build_train_loader(cfg, self.tokenizer)
         self._write_shard_report()
         self.step = 0
         self.skipped_steps = 0
@@ -84,22 +78,6 @@ class Trainer:
                                      "num_nodes": dist_env.num_nodes, **{f"params.{k}": v for k, v in self.num_params.items()}})
 
     # ------------------------------------------------------------------ set-up
-    def _prepare_data(self) -> tuple[str, str | None]:
-        """(local, remote) for the streaming loader."""
-        d = self.cfg.data
-        if d.remote is not None:
-            if "://" not in d.remote:  # a local shard folder: read in place
-                if not (Path(d.remote) / "index.json").is_file():
-                    raise ConfigError(f"data.remote: {d.remote} holds no MDS index.json; convert your data first")
-                return d.remote, None
-            digest = hashlib.sha1(d.remote.encode()).hexdigest()[:12]
-            return str(self.cfg.cache_dir / "streams" / digest), d.remote
-        cache = self.cfg.cache_dir
-        cache.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(cache / "synthetic.lock")):  # one process generates, the others wait
-            out = ensure_synthetic_shards(cache, d.synthetic_seed, d.synthetic_samples)
-        return str(out), None
-
     def _write_shard_report(self) -> None:
         """What this rank holds of each parameter under ZeRO-3: ranks/rank<r>.json in the stage dir."""
         tensors = {n: [int(p.ds_tensor.numel()) if hasattr(p, "ds_tensor") else p.numel(),
@@ -191,7 +169,7 @@ class Trainer:
                 yielded = True
                 yield batch
             if not yielded:
-                raise RuntimeError(f"the data set at {self.data_dir} yielded no batch of {self.cfg.train.micro_batch_size} "
+                raise RuntimeError(f"the data set yielded no batch of {self.cfg.train.micro_batch_size} "
                                    "per rank; use more samples or a smaller train.micro_batch_size")
 
     def _train_step(self, batches) -> tuple[dict, bool]:
@@ -247,12 +225,27 @@ class Trainer:
         b = ids.shape[0]
         drop = torch.rand(b, generator=self.gen) < p
         ids[drop], mask[drop] = self.empty_ids, self.empty_mask
-        latents = self.latent_encoder.encode(batch["pixels"].to(self.device), generator=self.gen
-                                             if self.device.type == "cpu" else None)
+        if "latents" in batch:  # precomputed by `para-train data precompute`
+            latents = batch["latents"].float()
+        else:
+            latents = self.latent_encoder.encode(batch["pixels"].to(self.device), generator=self.gen
+                                                 if self.device.type == "cpu" else None)
         noise = torch.randn(latents.shape, generator=self.gen)
         t = torch.randint(0, self.cfg.model.num_train_timesteps, (b,), generator=self.gen)
         d = self.device
-        return self.engine(latents.to(d), ids.to(d), mask.to(d), noise.to(d), t.to(d))
+        text = batch.get("text_embeds")  # precomputed frozen-LLM features (stage 1 only)
+        if text is not None:
+            text = text.to(d)
+            text[drop] = self._empty_text_embeds().to(text.dtype)
+        return self.engine(latents.to(d), ids.to(d), mask.to(d), noise.to(d), t.to(d), text)
+
+    def _empty_text_embeds(self) -> torch.Tensor:
+        """The empty caption through the frozen LLM, for caption dropout with precomputed embeddings."""
+        if getattr(self, "_empty_embeds", None) is None:
+            with torch.no_grad():
+                self._empty_embeds = self.model.text_encoder(self.empty_ids[None].to(self.device),
+                                                             self.empty_mask[None].to(self.device))[0]
+        return self._empty_embeds
 
     # ------------------------------------------------------------------ outputs
     def _log(self, metrics: dict, t_start: float, start_step: int) -> None:
