@@ -6,8 +6,8 @@
 
 LoRA: every peft `lora.Linear` in `llm` becomes a `FusedLoraLinear` (same module, same parameters and
 state-dict keys, only `forward` differs). It runs `para_train.kernels.lora_linear` when exactly one plain
-LoRA adapter is active, unmerged, with lora_dropout 0; otherwise (dropout > 0, merged, several adapters,
-DoRA, lora_bias, disabled adapters) it runs peft's own forward.
+LoRA adapter is active, unmerged, with lora_dropout 0, on a frozen nn.Linear; otherwise (dropout > 0, merged,
+several adapters, DoRA, lora_bias, disabled adapters, trainable base layer) it runs peft's own forward.
 
 Cross-attention: the `attn2` of every diffusers BasicTransformerBlock in `unet` gets a processor that turns
 the padding mask into key lengths and runs the Triton kernel (or flash-attn's varlen function). What
@@ -113,7 +113,8 @@ class FusedLoraLinear(LoraLinear):
                  and self.lora_B[name].bias is None and isinstance(self.lora_dropout[name], torch.nn.Identity))
         runnable = x.device.type == "cuda" or interpreter_active()
         dtype_ok = x.dtype == base.weight.dtype or torch.is_autocast_enabled(x.device.type)
-        if (plain and runnable and dtype_ok and type(base) is torch.nn.Linear and not self.fan_in_fan_out
+        frozen = not any(p.requires_grad for p in base.parameters())
+        if (plain and runnable and dtype_ok and frozen and type(base) is torch.nn.Linear and not self.fan_in_fan_out
                 and self.r[name] <= MAX_LORA_RANK):
             return name
         return None
@@ -147,6 +148,7 @@ class _LengthsCrossAttnProcessor:
         self._mask = None
         self._mask_version = None
         self._lengths = None
+        self._warned = False
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  *args, **kwargs):
@@ -203,6 +205,10 @@ class _LengthsCrossAttnProcessor:
         if mask is not self._mask or mask._version != self._mask_version:
             self._mask, self._mask_version = mask, mask._version
             self._lengths = self._prefix_lengths(mask, batch_size, num_keys)
+            if self._lengths is None and not self._warned:
+                logger.warning("cross-attention mask %s is not a right-padding mask (bool, or 0/-10000 bias); "
+                               "such masks run diffusers' SDPA processor", tuple(mask.shape))
+                self._warned = True
         return self._lengths
 
     @staticmethod
@@ -219,7 +225,6 @@ class _LengthsCrossAttnProcessor:
         lengths = keep.sum(dim=-1, dtype=torch.int32)
         prefix = torch.arange(num_keys, device=mask.device)[None, :] < lengths[:, None]
         if not known or not bool((keep == prefix).all()):
-            logger.warning("cross-attention mask is not a right-padding 0/-10000 mask; using SDPA for it")
             return None
         return lengths
 

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from para_train.config import REPO_ROOT, Config, ConfigError, resolve_init_from
+from para_train.kernel_dispatch import apply_kernels
 from para_train.models import build
 from para_train.models.paradiffusion import LatentEncoder, ParaDiffusion, TextEncoder
 from para_train.training import weights
@@ -109,6 +110,8 @@ def build_model(cfg: Config, dist_env: DistEnv, ds_config: dict) -> Built:
         llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if m.unet.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+    chosen = apply_kernels(llm if m.lora.enabled else None, unet, cfg.kernels.lora, cfg.kernels.cross_attention)
+    log.info("kernels: %s", chosen)
     model = ParaDiffusion(TextEncoder(llm, m.llm.layer, projection), unet, m.prediction_type, m.min_snr_gamma,
                           m.num_train_timesteps)
 
