@@ -69,7 +69,8 @@ def test_stages_hand_over_exactly(dist_env, tmp_path, cache_dir):
     tr.close()
 
     # Stage 2 starts from stage 1's final UNet, trains LoRA + UNet, leaves the LLM base bit-identical.
-    tr = make_trainer(dist_env, 2, tmp_path, cache_dir, "train.steps=3")
+    tr = make_trainer(dist_env, 2, tmp_path, cache_dir, "train.steps=3", "model.llm.gradient_checkpointing=true",
+                      "model.unet.gradient_checkpointing=true")  # LoRA grads must flow through checkpointed layers
     unet_start = gathered(tr, is_unet)
     stage1_unet = load_file(str(tmp_path / "stage1" / "final" / "unet" / "diffusion_pytorch_model.safetensors"))
     assert all(torch.equal(unet_start["unet." + k], v) for k, v in stage1_unet.items())
