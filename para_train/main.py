@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     if not dist_env.use_cuda:
         import torch
 
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist_env.local_world_size))
+        torch.set_num_threads(dist_env.cpu_threads)
     init_process_group(dist_env)
 
     from para_train.training.trainer import Trainer

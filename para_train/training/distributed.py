@@ -21,6 +21,7 @@ class DistEnv:
     use_cuda: bool
     mlflow_tracking_uri: str | None
     slurm_job_id: str | None
+    cpu_threads: int  # torch threads per rank on the CPU: OMP_NUM_THREADS, else the cores shared out
 
     @property
     def is_main(self) -> bool:
@@ -51,9 +52,12 @@ def read_env() -> DistEnv:
     use_cuda = torch.cuda.is_available()
     if not use_cuda:
         env.setdefault("DS_ACCELERATOR", "cpu")
+    cores = len(os.sched_getaffinity(0))
+    threads = int(env.get("OMP_NUM_THREADS") or 0) or max(1, cores // local_world)
     return DistEnv(rank=int(env["RANK"]), world_size=world_size, local_rank=int(env.get("LOCAL_RANK", 0)),
                    local_world_size=local_world, use_cuda=use_cuda,
-                   mlflow_tracking_uri=env.get("MLFLOW_TRACKING_URI"), slurm_job_id=env.get("SLURM_JOB_ID"))
+                   mlflow_tracking_uri=env.get("MLFLOW_TRACKING_URI"), slurm_job_id=env.get("SLURM_JOB_ID"),
+                   cpu_threads=threads)
 
 
 def init_process_group(dist_env: DistEnv) -> None:
