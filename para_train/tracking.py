@@ -45,7 +45,9 @@ FALLBACK_FILE = "tracking_fallback.jsonl"
 FALLBACK_ARTIFACT_DIR = "tracking_fallback"  # images that could not be sent, saved as files
 PARENT_RUN_TAG = "para_train.parent_run_id"
 
-_START_WAIT_S = 5.0  # create_tracker waits at most this long for the run to exist (run_id)
+# create_tracker waits at most this long for the run to exist, so that run_id is known on return.
+# A new local SQLite store takes ~2.5 s (its schema migrations), 5 s on a busy machine.
+_START_WAIT_S = 10.0
 _RETRY_OFFLINE_S = 60.0  # while MLflow is unreachable, try it again this often
 # mlflow's HTTP client retries a dead server for minutes by default (7 retries, 120 s timeout);
 # these make the worker notice within seconds. A value the user has set wins.
@@ -78,10 +80,8 @@ class TrackingConfig:
 
     def __post_init__(self):
         if self.uri is not None and len(urlparse(self.uri).scheme) < 2:  # 'C:/x' has scheme 'c'
-            raise ValueError(
-                f"tracking.uri: {self.uri!r} is not a URI; use http://HOST:PORT for a tracking "
-                "server, sqlite:///PATH/mlflow.db for a local store, or leave it unset"
-            )
+            raise ValueError(f"tracking.uri: {self.uri!r} is not a URI; use http://HOST:PORT for a tracking server, "
+                             "sqlite:///PATH/mlflow.db for a local store, or leave it unset")
         if not self.experiment:
             raise ValueError("tracking.experiment: empty; set a name, e.g. tracking.experiment=para-train")
         for key, minimum in (("log_every", 1), ("sample_every", 0), ("queue_size", 1)):
@@ -130,21 +130,17 @@ class NullTracker:
         pass
 
 
-def create_tracker(
-    cfg: TrackingConfig,
-    run_dir: str,
-    rank: int,
-    env_tracking_uri: str | None = None,
-    resume_run_id: str | None = None,
-    parent_run_id: str | None = None,
-    tags: dict | None = None,
-) -> Tracker:
+def create_tracker(cfg: TrackingConfig, run_dir: str, rank: int, env_tracking_uri: str | None = None,
+                   resume_run_id: str | None = None, parent_run_id: str | None = None,
+                   tags: dict | None = None) -> Tracker:
     """The tracker for this process: MLflow on rank 0, a `NullTracker` elsewhere.
 
     The URI is `cfg.uri`, else `env_tracking_uri` (the caller's $MLFLOW_TRACKING_URI), else a
-    SQLite store in `run_dir` (artifacts in run_dir/mlartifacts). `resume_run_id` continues that
-    run; `parent_run_id` nests this run under it (one training's stage runs). Waits at most
-    `_START_WAIT_S` for the run to be created; `run_id` stays None if MLflow is unreachable.
+    SQLite store in `run_dir`; a SQLite store keeps new experiments' artifacts in `mlartifacts`
+    next to its database file. `resume_run_id` continues that run; `parent_run_id` nests this
+    run under it (one training's stage runs). Waits at most `_START_WAIT_S` for the run to be
+    created. `run_id` is None until it is (MLflow slow or unreachable), so read
+    `tracker.run_id` when writing a checkpoint rather than once here.
     """
     if rank != 0 or not cfg.enabled:
         return NullTracker()
@@ -152,11 +148,10 @@ def create_tracker(
         os.environ.setdefault(name, value)
     run_dir = os.path.abspath(run_dir)
     os.makedirs(run_dir, exist_ok=True)
+    uri = cfg.uri or env_tracking_uri or f"sqlite:///{run_dir}/mlflow.db"
     artifact_location = None
-    uri = cfg.uri or env_tracking_uri
-    if not uri:
-        uri = f"sqlite:///{run_dir}/mlflow.db"
-        artifact_location = Path(run_dir, "mlartifacts").as_uri()
+    if uri.startswith("sqlite:///"):  # next to the database; MLflow's default is ./mlruns in the cwd
+        artifact_location = Path(uri.removeprefix("sqlite:///")).resolve().parent.joinpath("mlartifacts").as_uri()
     run_tags = {key: str(value) for key, value in (tags or {}).items()}
     if parent_run_id:
         run_tags.update({"mlflow.parentRunId": parent_run_id, PARENT_RUN_TAG: parent_run_id})
@@ -166,15 +161,8 @@ def create_tracker(
 class MlflowTracker:
     """Rank 0's tracker: `log_*` queue items; one worker thread sends them to MLflow."""
 
-    def __init__(
-        self,
-        cfg: TrackingConfig,
-        run_dir: str,
-        uri: str,
-        artifact_location: str | None,
-        resume_run_id: str | None,
-        run_tags: dict[str, str],
-    ):
+    def __init__(self, cfg: TrackingConfig, run_dir: str, uri: str, artifact_location: str | None,
+                 resume_run_id: str | None, run_tags: dict[str, str]):
         self.run_id: str | None = None
         self.uri = uri
         self.fallback_path = os.path.join(run_dir, FALLBACK_FILE)
@@ -218,7 +206,7 @@ class MlflowTracker:
             try:
                 values[key] = float(value)
             except (TypeError, ValueError):
-                self._warn_once(f"nan:{key}", f"metric {key!r}={value!r} is not a number: not logged")
+                self._warn_once(f"not_number:{key}", f"metric {key!r}={value!r} is not a number: not logged")
         self._put("metrics", {"step": int(step), "metrics": values, "time": time.time()})
 
     def log_image(self, image: PIL.Image.Image | str, artifact_file: str) -> None:
@@ -268,12 +256,9 @@ class MlflowTracker:
             self._queue.put_nowait((kind, record))
         except queue.Full:
             self._num_spilled += 1
-            self._warn_once(
-                "full",
-                f"the tracking queue is full ({self._cfg.queue_size} items; MLflow at {self.uri} "
-                f"is slower than training): items go to {self.fallback_path} meanwhile. "
-                "Raise tracking.queue_size or tracking.log_every.",
-            )
+            self._warn_once("full", f"the tracking queue is full ({self._cfg.queue_size} items; MLflow at {self.uri} "
+                                    f"is slower than training): items go to {self.fallback_path} meanwhile. "
+                                    "Raise tracking.queue_size or tracking.log_every.")
             self._write_fallback(kind, record)
 
     def _abandon(self) -> None:
@@ -292,11 +277,8 @@ class MlflowTracker:
             self._queue.put_nowait(("close", {}))  # wakes the worker so that it exits
         except queue.Full:
             pass
-        log.warning(
-            "MLflow at %s did not take the last %d tracking items within "
-            "tracking.shutdown_timeout_s=%g s: they are in %s",
-            self.uri, len(left), self._cfg.shutdown_timeout_s, self.fallback_path,
-        )
+        log.warning("MLflow at %s did not take the last %d tracking items within tracking.shutdown_timeout_s=%g s: "
+                    "they are in %s", self.uri, len(left), self._cfg.shutdown_timeout_s, self.fallback_path)
 
     # ---- worker side ----
 
@@ -329,10 +311,8 @@ class MlflowTracker:
             try:
                 self._send(kind, record)
             except RestException as e:  # the server answered: it refused this item
-                self._warn_once(
-                    f"refused:{kind}",
-                    f"MLflow at {self.uri} refused {kind} ({_short(e)}): written to {self.fallback_path}",
-                )
+                self._warn_once(f"refused:{kind}",
+                                f"MLflow at {self.uri} refused {kind} ({_short(e)}): written to {self.fallback_path}")
             except MlflowException as e:  # no answer: the server is down or unreachable
                 self._go_offline(e)
             except Exception as e:  # e.g. an image that cannot be saved
@@ -358,11 +338,9 @@ class MlflowTracker:
             params = record["params"]
             changed = {k: v for k, v in params.items() if self._run_params.get(k, v) != v}
             if changed:
-                self._warn_once(
-                    "changed_params",
-                    f"params differ from those of MLflow run {run_id}, which keeps the first "
-                    f"values: {sorted(changed)}; the new values are in {self.fallback_path}",
-                )
+                self._warn_once("changed_params", f"params differ from those of MLflow run {run_id}, which keeps "
+                                                  f"the first values: {sorted(changed)}; the new values are in "
+                                                  f"{self.fallback_path}")
                 self._write_fallback("params", {"params": changed, "time": record["time"]})
             new = {k: v for k, v in params.items() if k not in self._run_params}
             for batch in _batches([Param(k, v) for k, v in new.items()], _MAX_PARAMS_PER_BATCH):
@@ -391,12 +369,8 @@ class MlflowTracker:
         fresh = {k: v for k, v in record["metrics"].items() if k not in last or step > last[k]}
         stale = sorted(record["metrics"].keys() - fresh.keys())
         if stale:
-            self._warn_once(
-                "old_step",
-                f"metric {stale[0]!r} at step {step} is not logged: the run has it up to step "
-                f"{last[stale[0]]} (resumed from an older checkpoint?)",
-                level=logging.INFO,
-            )
+            self._warn_once("old_step", f"metric {stale[0]!r} at step {step} is not logged: the run has it up to step "
+                                        f"{last[stale[0]]} (resumed from an older checkpoint?)", level=logging.INFO)
         last.update(dict.fromkeys(fresh, step))
         return {**record, "metrics": fresh}
 
@@ -410,9 +384,7 @@ class MlflowTracker:
             run = self._resume() if self._resume_run_id else None
             resumed = run is not None
             if run is None:
-                run = self._client.create_run(
-                    self._experiment_id(), run_name=self._cfg.run_name, tags=self._run_tags
-                )
+                run = self._client.create_run(self._experiment_id(), run_name=self._cfg.run_name, tags=self._run_tags)
         except Exception as e:
             self._go_offline(e)
             return False
@@ -443,11 +415,8 @@ class MlflowTracker:
                 raise
             run = None
         if run is None or run.info.lifecycle_stage != "active":
-            log.warning(
-                "MLflow run %s (from the checkpoint) is not in %s, or is deleted: starting a new "
-                "run. To continue it, set tracking.uri to the store it was logged to.",
-                self._resume_run_id, self.uri,
-            )
+            log.warning("MLflow run %s (from the checkpoint) is not in %s, or is deleted: starting a new run. To "
+                        "continue it, set tracking.uri to the store it was logged to.", self._resume_run_id, self.uri)
             self._resume_run_id = None
             return None
         if run.info.status != "RUNNING":
@@ -464,10 +433,8 @@ class MlflowTracker:
         experiment = self._client.get_experiment_by_name(name)
         if experiment is not None:
             if experiment.lifecycle_stage == "deleted":
-                raise ValueError(
-                    f"MLflow experiment {name!r} is deleted: restore it (mlflow experiments "
-                    f"restore --experiment-id {experiment.experiment_id}) or set tracking.experiment"
-                )
+                raise ValueError(f"MLflow experiment {name!r} is deleted: restore it (mlflow experiments restore "
+                                 f"--experiment-id {experiment.experiment_id}) or set tracking.experiment")
             return experiment.experiment_id
         try:
             return self._client.create_experiment(name, artifact_location=self._artifact_location)
@@ -484,12 +451,9 @@ class MlflowTracker:
         if self._abandoned.is_set():  # close() already reported; stay quiet
             return
         self._next_try = time.monotonic() + _RETRY_OFFLINE_S
-        self._warn_once(
-            "offline",
-            f"MLflow at {self.uri} cannot be reached ({_short(error)}): tracking goes to "
-            f"{self.fallback_path} until it can (trying again every {_RETRY_OFFLINE_S:g} s)",
-            again_level=logging.INFO,
-        )
+        self._warn_once("offline", f"MLflow at {self.uri} cannot be reached ({_short(error)}): tracking goes to "
+                                   f"{self.fallback_path} until it can (trying again every {_RETRY_OFFLINE_S:g} s)",
+                        again_level=logging.INFO)
 
     def _finish(self, status: str) -> None:
         if self._monitor is not None:
@@ -502,11 +466,8 @@ class MlflowTracker:
         try:
             self._client.set_terminated(self.run_id, status)
         except Exception as e:
-            self._warn_once(
-                "offline",
-                f"MLflow at {self.uri}: could not mark run {self.run_id} {status} ({_short(e)})",
-                again_level=logging.INFO,
-            )
+            self._warn_once("offline", f"MLflow at {self.uri}: could not mark run {self.run_id} {status} ({_short(e)})",
+                            again_level=logging.INFO)
 
     # ---- both sides ----
 

@@ -4,6 +4,7 @@ import os
 # Triton kernels run through the interpreter on the CPU; must be set before triton is imported.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # tests talk to loopback only
 
 import json  # noqa: E402
 import signal  # noqa: E402

@@ -94,3 +94,41 @@ def test_stages_hand_over_exactly(dist_env, tmp_path, cache_dir):
     adapter = load_file(str(tmp_path / "stage2" / "final" / "lora" / "adapter_model.safetensors"))
     assert len(adapter) == len(lora_after) and all(v.numel() > 0 for v in adapter.values())
     tr.close()
+
+
+def test_resume_on_a_different_number_of_ranks(dist_env, tmp_path, cache_dir):
+    """2 ranks -> 1 rank (here) -> 2 ranks, through DeepSpeed's universal checkpoints."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    from conftest import read_metrics, run_deepspeed
+
+    common = [f"run.dir={tmp_path}", f"data.cache_dir={cache_dir}", "data.synthetic_samples=64", "sample.num_images=2",
+              "sample.steps=3", "tracking.enabled=false"]
+    run_deepspeed(1, common + ["train.steps=4", "checkpoint.every=4"])
+    universal = tmp_path / "stage1" / "checkpoints" / "universal_step_00000004"
+
+    tr = make_trainer(dist_env, 1, tmp_path, cache_dir, "train.steps=6")
+    assert tr.step == 4 and (universal / "zero").is_dir()
+    names = [n for n, p in tr.model.named_parameters() if p.requires_grad]
+    assert len(names) > 20
+    for name, p in tr.model.named_parameters():
+        if not p.requires_grad:
+            continue
+        saved = universal / "zero" / name
+        flat = lambda f: torch.load(saved / f, weights_only=True).reshape(-1)  # noqa: E731
+        assert torch.equal(safe_get_full_fp32_param(p).reshape(-1), flat("fp32.pt")), name
+        for key in ("exp_avg", "exp_avg_sq"):
+            got = safe_get_full_optimizer_state(p, key).reshape(-1)
+            assert got.abs().sum() > 0 and torch.equal(got, flat(f"{key}.pt")), (name, key)
+    tr.train()  # training continues on one rank
+    after_one_rank = gathered(tr, lambda n, p: n.startswith("unet."))
+    tr.close()
+    assert [r["step"] for r in read_metrics(tmp_path / "stage1")] == list(range(1, 7))
+
+    # back to two ranks: the weights loaded there equal the one-rank weights exactly
+    out = run_deepspeed(1, common + ["train.steps=6", "checkpoint.resume=" + str(tmp_path / "stage1" / "checkpoints" /
+                                                                                 "step_00000006")])
+    assert "resumed on 2 ranks from a checkpoint of 1 ranks" in out.stdout + out.stderr
+    final = load_file(str(tmp_path / "stage1" / "final" / "unet" / "diffusion_pytorch_model.safetensors"))
+    for k, v in final.items():
+        assert torch.equal(v, after_one_rank["unet." + k]), k

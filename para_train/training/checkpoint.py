@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -110,3 +113,64 @@ def load(engine, path: Path, rank: int) -> dict:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint {path}")
     rank_file = path / f"rank{rank:05d}.pt"
     return torch.load(rank_file, map_location="cpu", weights_only=False)
+
+
+# ------------------------------------------------------------------ a different number of ranks
+
+
+def to_universal(path: Path, rank: int) -> Path:
+    """Convert a ZeRO checkpoint to DeepSpeed's universal format once (rank 0 converts, others wait)."""
+    out = path.parent / f"universal_{path.name}"
+    if rank == 0 and not (out / COMPLETE).is_file():
+        shutil.rmtree(out, ignore_errors=True)
+        log.info("converting %s to a universal checkpoint for a different number of ranks", path)
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path),
+               "--output_folder", str(out), "--inject_missing_state", "--num_extract_workers", "1",
+               "--num_merge_workers", "1"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"converting {path} to a universal checkpoint failed:\n{proc.stdout[-3000:]}\n"
+                               f"{proc.stderr[-3000:]}")
+        _write_atomic(path.parent / "latest_universal", out.name + "\n")
+        _write_atomic(out / COMPLETE, "ok\n")
+    barrier()
+    return out
+
+
+def load_resharded(engine, path: Path, universal: Path, rank: int, old_world_size: int) -> dict:
+    """Load the engine from the universal checkpoint and merge the old ranks' own state.
+
+    Counters and the data position are global (taken from old rank 0); RNG states exist only for
+    ranks that existed before; the EMA is reassembled to full tensors for re-sharding."""
+    load_path, _ = engine.load_checkpoint(str(universal.parent), tag=universal.name, load_optimizer_states=True,
+                                          load_lr_scheduler_states=True)
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed could not load the universal checkpoint {universal}")
+    old = [torch.load(path / f"rank{r:05d}.pt", map_location="cpu", weights_only=False) for r in range(old_world_size)]
+    state = dict(old[0])
+    mine = old[rank] if rank < old_world_size else None
+    state["rng"] = mine["rng"] if mine else None
+    state["generator"] = mine["generator"] if mine else None
+    state["ema_full"] = None
+    if old[0]["ema"] is not None:
+        names = old[0]["ema"]["names"]
+        state["ema_full"] = {"names": names, "shards": [[o["ema"]["shadow"][i] for o in old] for i in range(len(names))]}
+    return state
+
+
+def reshard_ema(ema_full: dict, ema) -> dict:
+    """Old ranks' flat EMA shards -> this rank's shards under the current partitioning."""
+    if ema_full["names"] != ema.names:
+        raise ValueError("the checkpoint's EMA does not match this model's trainable parameters")
+    shadow = []
+    for shards, local, p in zip(ema_full["shards"], ema.shadow, ema.params):
+        numel = int(getattr(p, "ds_numel", p.numel()))
+        full = torch.cat([s.reshape(-1) for s in shards])[:numel] if shards[0].numel() != numel else shards[0].reshape(-1)
+        if local.numel() == numel:  # not partitioned here
+            shadow.append(full.reshape(local.shape).clone())
+            continue
+        part, world, rank = local.numel(), torch.distributed.get_world_size(), torch.distributed.get_rank()
+        padded = torch.zeros(part * world, dtype=full.dtype)  # ZeRO-3: equal parts, the last one padded
+        padded[:numel] = full
+        shadow.append(padded[rank * part:(rank + 1) * part].reshape(local.shape).clone())
+    return {"decay": ema.decay, "names": ema.names, "shadow": shadow}

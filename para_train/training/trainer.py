@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from para_train.config import Config, save_config
+from para_train.config import Config, ConfigError, save_config
 from para_train.data.loader import build_train_loader, prepare_data
 from para_train.data.synthetic import synthetic_sample
 from para_train.sampling import grid, sample_latents, to_pil
@@ -49,6 +49,11 @@ class Trainer:
         barrier()
 
         ds_config = engine_mod.deepspeed_config(cfg, dist_env)
+        resume_path, resume_meta = self._find_resume()
+        universal = None
+        if resume_meta is not None and resume_meta["world_size"] != dist_env.world_size:
+            universal = checkpoint.to_universal(resume_path, self.rank)
+            ds_config["checkpoint"] = {"load_universal": True}
         prepare_data(cfg)  # e.g. generate the synthetic set once, before the model takes memory
         built = engine_mod.build_model(cfg, dist_env, ds_config)
         self.tokenizer, self.latent_encoder, self.num_params = built.tokenizer, built.latent_encoder, built.num_params
@@ -65,14 +70,18 @@ class Trainer:
         self._write_shard_report()
         self.step = 0
         self.skipped_steps = 0
+        self.skipped_samples = self.samples_read = 0.0
         self.consecutive_skips = 0
         self.images_seen = 0
         self.run_id = None
-        self._resume()
-        self.tracker = create_tracker(cfg.tracking, str(self.stage_dir), self.rank,
+        self._resume(resume_path, resume_meta, universal)
+        # One MLflow store per training (run.dir); stages 2-3 nest under stage 1's run.
+        first = Path(cfg.run.dir).expanduser() / "stage1" / "final" / "mlflow_run_id"
+        parent = first.read_text().strip() if cfg.run.stage > 1 and first.is_file() else None
+        self.tracker = create_tracker(cfg.tracking, str(Path(cfg.run.dir).expanduser()), self.rank,
                                       env_tracking_uri=dist_env.mlflow_tracking_uri, resume_run_id=self.run_id,
-                                      tags={"stage": str(cfg.run.stage), "slurm_job_id": dist_env.slurm_job_id or ""})
-        self.run_id = self.tracker.run_id
+                                      parent_run_id=parent, tags={"stage": str(cfg.run.stage),
+                                                                  "slurm_job_id": dist_env.slurm_job_id or ""})
         if self.step == 0:
             self.tracker.log_params({**cfg.to_dict(), "world_size": dist_env.world_size,
                                      "num_nodes": dist_env.num_nodes, **{f"params.{k}": v for k, v in self.num_params.items()}})
@@ -92,31 +101,52 @@ class Trainer:
             log.info("ZeRO-%d: this rank holds %.2fM of %.2fM parameter elements", self.cfg.deepspeed.zero_stage,
                      report["local_numel"] / 1e6, report["total_numel"] / 1e6)
 
-    def _resume(self) -> None:
+    def _find_resume(self) -> tuple[Path | None, dict | None]:
         c = self.cfg.checkpoint
         if c.resume == "never":
-            return
-        path = latest = checkpoint.latest_checkpoint(self.ckpt_root) if c.resume == "auto" else Path(c.resume)
+            return None, None
+        path = checkpoint.latest_checkpoint(self.ckpt_root) if c.resume == "auto" else Path(c.resume)
+        if path is None:
+            return None, None
+        if not (path / checkpoint.COMPLETE).is_file():
+            raise ConfigError(f"checkpoint.resume: {path} is not a complete checkpoint (no {checkpoint.COMPLETE} "
+                              "marker); name a complete one or use checkpoint.resume=auto")
+        return path, checkpoint.read_meta(path)
+
+    def _resume(self, path: Path | None, meta: dict | None, universal: Path | None) -> None:
         if path is None:
             return
-        if not (path / checkpoint.COMPLETE).is_file():
-            raise ValueError(f"checkpoint.resume: {path} is not a complete checkpoint (no {checkpoint.COMPLETE} marker)")
-        meta = checkpoint.read_meta(path)
-        if meta["world_size"] != self.env.world_size:
-            raise ValueError(f"checkpoint {path} was written by {meta['world_size']} ranks but this run has "
-                             f"{self.env.world_size}; resume with the same number of ranks, or set "
-                             "checkpoint.resume=never to start over")
-        state = checkpoint.load(self.engine, path, self.rank)
+        if universal is None:
+            state = checkpoint.load(self.engine, path, self.rank)
+            ema_state = state["ema"]
+        else:  # saved by a different number of ranks: DeepSpeed's universal format, our state re-sharded
+            state = checkpoint.load_resharded(self.engine, path, universal, self.rank, meta["world_size"])
+            ema_state = None
+            if self.ema is not None and state["ema_full"] is not None:
+                ema_state = checkpoint.reshard_ema(state["ema_full"], self.ema)
+            if state["generator"] is None:  # a rank that did not exist before: fresh, deterministic draws
+                state["generator"] = torch.Generator().manual_seed(
+                    self.cfg.run.seed * 1_000_003 + self.cfg.run.stage * 1009 + self.rank + 7919 * state["step"]).get_state()
         self.step, self.skipped_steps, self.images_seen = state["step"], state["skipped_steps"], state["images_seen"]
         self.run_id = state.get("run_id")
-        checkpoint.set_rng_state(state["rng"])
+        self.skipped_samples, self.samples_read = state["skipped_samples"], state["samples_read"]
+        if state["rng"] is not None:
+            checkpoint.set_rng_state(state["rng"])
         self.gen.set_state(state["generator"])
         if self.ema is not None:
-            self.ema.load_state_dict(state["ema"])
+            self.ema.load_state_dict(ema_state)
         self.loader.load_state_dict(state["loader"])
         if self.rank == 0:
             self._truncate_metrics(self.step)
-            log.info("resumed from %s at step %d", latest, self.step)
+            log.info("resumed from %s at step %d", path, self.step)
+            if universal is not None:
+                old, new = meta["world_size"], self.env.world_size
+                mb = self.cfg.train.micro_batch_size * self.cfg.train.grad_accum
+                log.warning("resumed on %d ranks from a checkpoint of %d ranks (universal checkpoint %s): weights and "
+                            "optimizer state are exact; the global batch changes from %d to %d samples per step and "
+                            "ranks that did not exist before draw fresh noise; the data position (sample %d of the "
+                            "epoch) is kept", new, old, universal, mb * old, mb * new, state["loader"].get(
+                                "sample_in_epoch", -1))
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop log lines from steps after the checkpoint: they will be run again."""
@@ -163,12 +193,14 @@ class Trainer:
         self._finish()
 
     def _batches(self):
+        empty_epochs = 0  # a resume at the very end of an epoch legitimately yields nothing once
         while True:
             yielded = False
             for batch in self.loader:
                 yielded = True
                 yield batch
-            if not yielded:
+            empty_epochs = 0 if yielded else empty_epochs + 1
+            if empty_epochs >= 2:
                 raise RuntimeError(f"the data set yielded no batch of {self.cfg.train.micro_batch_size} "
                                    "per rank; use more samples or a smaller train.micro_batch_size")
 
@@ -186,9 +218,11 @@ class Trainer:
             if dbg.nan_loss_at_step == self.step + 1 and dbg.nan_loss_rank == self.rank and self.skipped_steps == 0:
                 loss = loss * float("nan")
             finite = bool(torch.isfinite(loss))
+            bad = float(batch["skipped"].sum()) if "skipped" in batch else 0.0  # bad samples replaced in this batch
             stats = torch.tensor([loss.item() if finite else 0.0, 0.0 if finite else 1.0, float(self._stop_signal),
-                                  float(batch["truncated"].float().mean())], dtype=torch.float64)
+                                  float(batch["truncated"].float().mean()), bad], dtype=torch.float64)
             all_reduce_sum(stats)
+            self._check_skip_rate(stats[4].item(), len(batch["input_ids"]) * self.env.world_size)
             stop = stop or stats[2].item() > 0
             if stats[1].item() > 0:  # a non-finite loss on any rank: every rank skips this update
                 self.skipped_steps += 1
@@ -213,11 +247,20 @@ class Trainer:
         elif self.ema is not None:
             self.ema.update()
         metrics = {"loss": sum(losses) / len(losses), "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                   "skipped_steps": self.skipped_steps, "data_wait_s": data_wait,
+                   "skipped_steps": self.skipped_steps, "skipped_samples": self.skipped_samples, "data_wait_s": data_wait,
                    "compute_s": time.perf_counter() - t0 - data_wait, "truncation_rate": truncated / len(losses),
                    "images_seen": self.images_seen + cfg.train.micro_batch_size * cfg.train.grad_accum * self.env.world_size,
                    "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
         return metrics, stop
+
+    def _check_skip_rate(self, bad: float, good: int) -> None:
+        self.skipped_samples += bad
+        self.samples_read += bad + good
+        rate = self.skipped_samples / self.samples_read
+        if self.samples_read >= 256 and rate > self.cfg.data.max_skip_rate:
+            raise RuntimeError(f"{int(self.skipped_samples)} of {int(self.samples_read)} samples were bad ({rate:.1%}, above "
+                               f"data.max_skip_rate={self.cfg.data.max_skip_rate}); fix the data set, or raise "
+                               "data.max_skip_rate if that is expected")
 
     def _forward(self, batch: dict) -> torch.Tensor:
         p = self.cfg.data.caption_dropout
@@ -266,7 +309,8 @@ class Trainer:
     def _save_checkpoint(self) -> None:
         dbg = self.cfg.debug
         state = {"step": self.step, "skipped_steps": self.skipped_steps, "images_seen": self.images_seen,
-                 "rng": checkpoint.rng_state(), "generator": self.gen.get_state(), "run_id": self.run_id,
+                 "skipped_samples": self.skipped_samples, "samples_read": self.samples_read,
+                 "rng": checkpoint.rng_state(), "generator": self.gen.get_state(), "run_id": self.tracker.run_id,
                  "ema": self.ema.state_dict() if self.ema is not None else None,
                  "loader": self.loader.state_dict()}
         meta = {"world_size": self.env.world_size, "stage": self.cfg.run.stage}
@@ -288,8 +332,8 @@ class Trainer:
         samples = self._samples()
         barrier()
         if self.rank == 0:
-            if self.run_id:
-                (final / "mlflow_run_id").write_text(self.run_id + "\n")
+            if self.tracker.run_id:
+                (final / "mlflow_run_id").write_text(self.tracker.run_id + "\n")
             if samples is not None:
                 self.tracker.log_image(samples, f"samples/step_{self.step:08d}.png")
             self.tracker.log_artifact(str(self.stage_dir / "config.yaml"))
