@@ -1,33 +1,47 @@
 """Two real ranks under the `deepspeed` launcher with ZeRO-3 on gloo: sharding, all three stages,
-a NaN on one rank, and SIGKILL + resume giving the same losses as an uninterrupted run."""
+a NaN on one rank, SIGKILL + resume giving the same losses as an uninterrupted run, and every run
+tracked in a real `mlflow server` (or an unreachable one)."""
+import json
 import math
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import kill_group, read_metrics, run_deepspeed, start_deepspeed, wait_for_step
+from conftest import free_port, kill_group, read_metrics, run_deepspeed, start_deepspeed, wait_for_step
+from mlflow_server import MlflowServer
 
 STEPS = 10
 
 
-def common(run_dir, cache_dir):
+def common(run_dir, cache_dir, tracking_uri):
     return [f"run.dir={run_dir}", f"data.cache_dir={cache_dir}", "data.synthetic_samples=96", "train.log_every=1",
-            "sample.num_images=2", "sample.steps=3", "tracking.enabled=false"]
+            "sample.num_images=2", "sample.steps=3", f"tracking.uri={tracking_uri}", "tracking.log_every=1"]
 
 
-def stage1_args(run_dir, cache_dir):
+def stage1_args(run_dir, cache_dir, tracking_uri):
     # rank 1 produces a NaN loss at step 4: every rank must skip that update
-    return common(run_dir, cache_dir) + [f"train.steps={STEPS}", "checkpoint.every=3", "debug.nan_loss_at_step=4",
-                                         "debug.nan_loss_rank=1"]
+    return common(run_dir, cache_dir, tracking_uri) + [f"train.steps={STEPS}", "checkpoint.every=3",
+                                                       "debug.nan_loss_at_step=4", "debug.nan_loss_rank=1"]
 
 
 @pytest.fixture(scope="module")
-def three_stages(tmp_path_factory, cache_dir):
+def mlflow_server(tmp_path_factory):
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def three_stages(tmp_path_factory, cache_dir, mlflow_server):
     run_dir = tmp_path_factory.mktemp("run")
-    outputs = {1: run_deepspeed(1, stage1_args(run_dir, cache_dir))}
-    outputs[2] = run_deepspeed(2, common(run_dir, cache_dir) + ["train.steps=3", "checkpoint.every=3"])
-    outputs[3] = run_deepspeed(3, common(run_dir, cache_dir) + ["train.steps=2", "checkpoint.every=2"])
+    # the server starts while stage 1 launches; the tracker waits for it without holding up training
+    outputs = {1: run_deepspeed(1, stage1_args(run_dir, cache_dir, mlflow_server.uri))}
+    mlflow_server.wait_ready()
+    outputs[2] = run_deepspeed(2, common(run_dir, cache_dir, mlflow_server.uri) + ["train.steps=3", "checkpoint.every=3"])
+    # stage 3 logs to a server that is not there: training must finish anyway, metrics go to the fallback file
+    dead = f"http://127.0.0.1:{free_port()}"
+    outputs[3] = run_deepspeed(3, common(run_dir, cache_dir, dead) + ["train.steps=2", "checkpoint.every=2"])
     return run_dir, outputs
 
 
@@ -64,10 +78,33 @@ def test_three_stages_on_two_ranks_with_a_nan_on_one_rank(three_stages):
     assert lora_b and all(t.numel() > 0 and torch.count_nonzero(t) > 0 for t in lora_b)
 
 
-def test_sigkill_and_resume_reproduce_the_uninterrupted_losses(three_stages, tmp_path, cache_dir):
+def test_runs_are_tracked_in_mlflow(three_stages, mlflow_server):
+    from mlflow.tracking import MlflowClient
+
+    run_dir, _ = three_stages
+    client = MlflowClient(mlflow_server.uri)
+    stage1_id = (run_dir / "stage1" / "final" / "mlflow_run_id").read_text().strip()
+    run = client.get_run(stage1_id)
+    assert run.data.params["train.steps"] == str(STEPS) and run.data.params["world_size"] == "2"
+    assert run.data.tags["stage"] == "1"
+    history = client.get_metric_history(stage1_id, "loss")
+    assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == \
+        [(r["step"], r["loss"]) for r in read_metrics(run_dir / "stage1")]
+    artifacts = [a.path for a in client.list_artifacts(stage1_id, "samples")]
+    assert any(p.endswith(".png") for p in artifacts), artifacts
+    stage2_id = (run_dir / "stage2" / "final" / "mlflow_run_id").read_text().strip()
+    assert client.get_run(stage2_id).data.tags["mlflow.parentRunId"] == stage1_id
+    # stage 3's server was unreachable: it trained to the end and kept its metrics locally
+    fallback = [json.loads(x) for x in (run_dir / "tracking_fallback.jsonl").read_text().splitlines() if x]
+    assert sorted(r["step"] for r in fallback if "metrics" in r and "loss" in r["metrics"]) == [1, 2]
+
+
+def test_sigkill_and_resume_reproduce_the_uninterrupted_losses(three_stages, tmp_path, cache_dir, mlflow_server):
+    from mlflow.tracking import MlflowClient
+
     run_dir, _ = three_stages
     expected = [(r["step"], r["loss"]) for r in read_metrics(run_dir / "stage1")]
-    args = stage1_args(tmp_path, cache_dir)
+    args = stage1_args(tmp_path, cache_dir, mlflow_server.uri)
     stage_dir = tmp_path / "stage1"
 
     # 1. every rank dies while writing the step-6 checkpoint: shards on disk, no COMPLETE marker
@@ -87,3 +124,7 @@ def test_sigkill_and_resume_reproduce_the_uninterrupted_losses(three_stages, tmp
     run_deepspeed(1, args)
     got = [(r["step"], r["loss"]) for r in read_metrics(stage_dir)]
     assert got == expected  # exact: same data order, noise, dropout and optimizer state
+    # ...and all three attempts logged into one MLflow run, each step exactly once
+    run_id = (stage_dir / "final" / "mlflow_run_id").read_text().strip()
+    steps = sorted(m.step for m in MlflowClient(mlflow_server.uri).get_metric_history(run_id, "loss"))
+    assert steps == list(range(1, STEPS + 1))
