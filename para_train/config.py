@@ -8,6 +8,7 @@ fix, before any process group starts.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -119,23 +120,85 @@ class ModelConfig:
 
 
 @dataclass
+class StreamConfig:
+    """One source of MDS shards in a mix (MosaicML streaming's `Stream`). Give at most one weight:
+    all streams relative (`proportion`) or all absolute (`repeat` / `choose`); none = each sample once."""
+    remote: str  # a local folder of MDS shards (read in place) or a URL such as s3://bucket/prefix
+    proportion: float | None = None  # this stream's share of every epoch
+    repeat: float | None = None  # how many times each of its samples is seen per epoch (0.5 = half of them)
+    choose: int | None = None  # how many of its samples are drawn per epoch
+
+    def __post_init__(self):
+        weights = [w for w in (self.proportion, self.repeat, self.choose) if w is not None]
+        _check(len(weights) <= 1, "data.streams[].proportion",
+               f"stream {self.remote}: give at most one of proportion, repeat, choose")
+        _check(all(w >= 0 for w in weights), "data.streams[].proportion",
+               f"stream {self.remote}: weights must be >= 0")
+
+
+@dataclass
 class DataConfig:
-    # MDS shards: a local folder or s3://bucket/prefix. None = the synthetic paragraph-scene set,
+    # MDS shards (written by `para-train data convert`): a local folder or s3://bucket/prefix (any
+    # scheme MosaicML streaming supports). None (and no streams) = the synthetic paragraph-scene set,
     # generated on first use into cache_dir.
     remote: str | None = None
-    cache_dir: str = "~/.cache/para-train"
+    # Or a weighted mix of several shard sets, e.g. stage 1's pretrain mix:
+    #   [{remote: s3://b/laion-mds, proportion: 0.7}, {remote: s3://b/cc12m-mds, proportion: 0.3}]
+    streams: list[StreamConfig] | None = None
+    epoch_size: int | None = None  # samples per epoch over all streams; None = their natural size
+    cache_dir: str = "~/.cache/para-train"  # remote shards are cached under cache_dir/streams/
+    # Remote shards kept on the local disk at once, e.g. "500gb": the least recently used are deleted
+    # above it, so one epoch of 0.3B samples never fills the disk. None = keep everything.
+    cache_limit: str | None = None
+    download_retry: int = 3
+    download_timeout: float = 120.0  # seconds per shard file
+    validate_hash: str | None = "xxh64"  # checked on every downloaded shard (convert writes sha1 + xxh64)
     synthetic_samples: int = 2000
     synthetic_seed: int = 0
-    resolution: int = 32
+    resolution: int = 32  # shorter side resized to this, then a square crop
+    crop: str = "center"  # center | random
+    flip: bool = False  # random horizontal flips
     caption_dropout: float = 0.1  # empty-string captions for classifier-free guidance
     shuffle: bool = True
     num_workers: int = 0
+    # Columns written by `para-train data precompute`: auto = use them when the shards hold them,
+    # always = require them, never = ignore them. Text embeddings are for stage 1 only (frozen LLM).
+    use_latents: str = "auto"
+    use_text_embeds: str = "auto"
+    max_skip_rate: float = 0.01  # stop when more than this fraction of samples are bad (undecodable, empty)
 
     def __post_init__(self):
+        _check(0.0 <= self.max_skip_rate <= 1.0, "data.max_skip_rate", f"must be in [0, 1], got {self.max_skip_rate}")
         _check(0.0 <= self.caption_dropout < 1.0, "data.caption_dropout", f"must be in [0, 1), got {self.caption_dropout}")
         _check(self.resolution >= 8 and self.resolution % 8 == 0, "data.resolution",
                f"must be a multiple of 8 (the VAE downsamples by 8), got {self.resolution}")
         _check(self.synthetic_samples >= 1, "data.synthetic_samples", "must be >= 1")
+        _check(not (self.remote and self.streams), "data.streams",
+               "set either data.remote (one shard set) or data.streams (a mix), not both")
+        _check(self.streams is None or len(self.streams) > 0, "data.streams", "list at least one stream, or use null")
+        if self.streams:
+            relative = [s.proportion is not None for s in self.streams]
+            absolute = [s.repeat is not None or s.choose is not None for s in self.streams]
+            _check(not (any(relative) and any(absolute)), "data.streams",
+                   "weight every stream by proportion (relative) or by repeat/choose (absolute), not a mix of both")
+            _check(not any(relative) or all(relative), "data.streams",
+                   "with proportions, give every stream a proportion")
+        _check(self.epoch_size is None or self.epoch_size >= 1, "data.epoch_size", "must be >= 1 or null")
+        _check(self.crop in ("center", "random"), "data.crop", f"must be center or random, got {self.crop!r}")
+        for key in ("use_latents", "use_text_embeds"):
+            _check(getattr(self, key) in ("auto", "always", "never"), f"data.{key}",
+                   f"must be auto, always or never, got {getattr(self, key)!r}")
+        _check(self.download_retry >= 0, "data.download_retry", "must be >= 0")
+        _check(self.download_timeout > 0, "data.download_timeout", "must be > 0 seconds")
+        _check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+        _check(self.cache_limit is None or re.fullmatch(r"\d+(\.\d+)?\s*([kmgtp]b|b)?", self.cache_limit.strip().lower())
+               is not None, "data.cache_limit", f"expected a size such as 500gb or 2tb, got {self.cache_limit!r}")
+
+    def remotes(self) -> list[StreamConfig]:
+        """The configured shard sets as streams; empty for the synthetic default."""
+        if self.streams:
+            return list(self.streams)
+        return [StreamConfig(remote=self.remote)] if self.remote else []
 
 
 @dataclass
@@ -310,6 +373,11 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         _check(isinstance(value, int) and not isinstance(value, bool), key, f"expected an integer, got {value!r}")
         return value
     if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         _check(isinstance(value, (int, float)) and not isinstance(value, bool), key, f"expected a number, got {value!r}")
         return float(value)
     if hint is str:

@@ -29,8 +29,9 @@ def tokenize(tokenizer, texts: list[str], max_length: int) -> tuple[torch.Tensor
 @torch.no_grad()
 def sample_latents(text_encoder, unet, tokenizer, prompts: list[str], *, max_length: int, latent_shape: tuple,
                    seed: int, steps: int = 20, guidance_scale: float = 7.5, prediction_type: str = "epsilon",
-                   num_train_timesteps: int = 1000, device="cpu", dtype=torch.float32) -> torch.Tensor:
-    scheduler = make_scheduler(num_train_timesteps, prediction_type)
+                   num_train_timesteps: int = 1000, device="cpu", dtype=torch.float32, scheduler=None) -> torch.Tensor:
+    """`scheduler`: a diffusers scheduler to use instead of `make_scheduler(num_train_timesteps, prediction_type)`."""
+    scheduler = scheduler if scheduler is not None else make_scheduler(num_train_timesteps, prediction_type)
     scheduler.set_timesteps(steps, device=device)
     ids, mask = tokenize(tokenizer, list(prompts), max_length)
     uids, umask = tokenize(tokenizer, [""] * len(prompts), max_length)

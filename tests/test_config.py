@@ -18,7 +18,7 @@ def test_defaults_are_the_tiny_stage_configs():
 
 
 def test_overrides_are_typed_and_dotted():
-    cfg = load_config(1, overrides=["train.steps=7", "train.lr=0.001", "model.llm.layer=-2", "data.shuffle=false"])
+    cfg = load_config(1, overrides=["train.steps=7", "train.lr=1e-3", "model.llm.layer=-2", "data.shuffle=false"])
     assert (cfg.train.steps, cfg.train.lr, cfg.model.llm.layer, cfg.data.shuffle) == (7, 0.001, -2, False)
 
 

@@ -112,7 +112,7 @@ def load(engine, path: Path, rank: int) -> dict:
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint {path}")
     rank_file = path / f"rank{rank:05d}.pt"
-    return torch.load(rank_file, map_location="cpu", weights_only=False)
+    return torch.load(rank_file, map_location="cpu", weights_only=True)
 
 
 # ------------------------------------------------------------------ a different number of ranks
@@ -146,7 +146,7 @@ def load_resharded(engine, path: Path, universal: Path, rank: int, old_world_siz
                                           load_lr_scheduler_states=True)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the universal checkpoint {universal}")
-    old = [torch.load(path / f"rank{r:05d}.pt", map_location="cpu", weights_only=False) for r in range(old_world_size)]
+    old = [torch.load(path / f"rank{r:05d}.pt", map_location="cpu", weights_only=True) for r in range(old_world_size)]
     state = dict(old[0])
     mine = old[rank] if rank < old_world_size else None
     state["rng"] = mine["rng"] if mine else None

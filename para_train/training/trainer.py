@@ -14,6 +14,7 @@ import torch
 
 from para_train.config import Config, ConfigError, save_config
 from para_train.data.loader import build_train_loader, prepare_data
+from para_train.inference.export import export_model
 from para_train.data.synthetic import synthetic_sample
 from para_train.sampling import grid, sample_latents, to_pil
 from para_train.tracking import create_tracker
@@ -337,9 +338,10 @@ class Trainer:
             if samples is not None:
                 self.tracker.log_image(samples, f"samples/step_{self.step:08d}.png")
             self.tracker.log_artifact(str(self.stage_dir / "config.yaml"))
+            export_model(final, self.stage_dir / "export", cfg)  # raw weights, the ones the samples show
             nxt = cfg.run.stage + 1
-            log.info("stage %d done: final weights in %s, checkpoints in %s, samples in %s, metrics in %s%s",
-                     cfg.run.stage, final, self.ckpt_root, self.stage_dir / "samples", self.stage_dir / "metrics.jsonl",
+            log.info("stage %d done: diffusers export in %s, final weights in %s, checkpoints in %s, samples in %s, metrics in %s%s",
+                     cfg.run.stage, self.stage_dir / "export", final, self.ckpt_root, self.stage_dir / "samples", self.stage_dir / "metrics.jsonl",
                      f"; next: deepspeed para_train/main.py --stage {nxt} run.dir={cfg.run.dir}" if nxt <= 3 else "")
             log.info("to go bigger: --config configs/stage%d_*.yaml (real-scale weights you supply), "
                      "or sbatch cluster/stage1_64nodes.sh", cfg.run.stage)

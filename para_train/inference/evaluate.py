@@ -1,0 +1,253 @@
+"""Does the model follow long paragraphs? Faithfulness on synthetic scenes, by paragraph length and by
+where in the paragraph each object is described.
+
+examples:
+  para-train evaluate runs/demo/export --out eval/stage3
+  para-train evaluate runs/demo/stage3/export --compare runs/demo/stage2/export --out eval/2v3 --num-prompts 90
+  para-train evaluate exported --out eval/x --mlflow --tracking-uri http://127.0.0.1:5000
+
+The evaluation set is fixed by --eval-seed: synthetic scenes (coloured shapes in a 3x3 grid) whose
+paragraphs come in three lengths, so that every length bucket fills: one object in 40-55 words, up to
+five objects in 110-200 words, up to five in 260-400 words. Each image is generated from its paragraph
+(image i with seed + i) and scored against the scene record: per object present / right colour /
+right shape / right region (see para_train/inference/faithfulness.py), faithfulness being their mean.
+Scores are reported overall, by paragraph length in tokens of the model's tokenizer (<= 77, 78-256,
+> 256) and by the token at which the object's description starts (before token 77, the most a CLIP
+text encoder reads, or after it). With --compare both models get the same paragraphs and seeds.
+
+Writes OUT/scores.json (summaries, per-prompt details and settings), OUT/<label>/images/, and
+OUT/side_by_side.png (ground truth | model | compared model, first 16 paragraphs). --mlflow logs each
+model's scores as an MLflow run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from para_train.data.synthetic import Scene, SceneObject, describe, make_scene, render
+from para_train.inference.faithfulness import CHECKS, score_image
+
+log = logging.getLogger(__name__)
+
+CLIP_TOKENS = 77
+SHOW_SIDE = 128
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    max_objects: int
+    min_words: int
+    max_words: int
+    keep_objects: int | None = None  # short paragraphs describe one object in full rather than cut two off
+
+
+PROFILES = (Profile("short", 2, 40, 55, keep_objects=1), Profile("medium", 5, 110, 200), Profile("long", 5, 260, 400))
+LENGTH_GROUPS = {"length_le77": (0, CLIP_TOKENS), "length_78_256": (CLIP_TOKENS + 1, 256),
+                 "length_gt256": (257, math.inf)}
+POSITION_GROUPS = {"position_before77": (0, CLIP_TOKENS - 1), "position_after77": (CLIP_TOKENS, math.inf)}
+
+
+@dataclass
+class EvalPrompt:
+    index: int
+    prompt: str
+    scene: dict  # the scene record the image is scored against
+    profile: str
+
+
+def eval_set(num_prompts: int, seed: int = 0) -> list[EvalPrompt]:
+    """A fixed set of scenes and paragraphs, cycling through the length profiles."""
+    items = []
+    for i in range(num_prompts):
+        profile = PROFILES[i % len(PROFILES)]
+        rng = random.Random(f"para-train-eval/{seed}/{i}")
+        scene = make_scene(rng, profile.max_objects)
+        if profile.keep_objects:
+            scene = Scene(scene.background, scene.objects[:profile.keep_objects])
+        items.append(EvalPrompt(i, describe(scene, rng, profile.min_words, profile.max_words), scene.to_record(),
+                                profile.name))
+    return items
+
+
+def ground_truth(item: EvalPrompt, size: int):
+    scene = Scene(item.scene["background"], [SceneObject(**o) for o in item.scene["objects"]])
+    return render(scene, size)
+
+
+def num_tokens(tokenizer, text: str) -> int:
+    return len(tokenizer(text, verbose=False)["input_ids"])  # counted, not truncated: no length warning
+
+
+def description_starts(tokenizer, item: EvalPrompt) -> list[int]:
+    """For each object, the index of the token where its description ("The second object is a ...") starts."""
+    starts, cursor = [], 0
+    for o in item.scene["objects"]:
+        at = item.prompt.find(f"object is a {o['size']} {o['color']} {o['shape']}", cursor)
+        assert at >= 0, f"prompt {item.index} does not describe its {o['color']} {o['shape']}"
+        sentence = item.prompt.rfind("The ", 0, at)
+        starts.append(num_tokens(tokenizer, item.prompt[:sentence].rstrip()))
+        cursor = at + 1
+    return starts
+
+
+def score_items(items: list[EvalPrompt], images: list, tokenizer) -> list[dict]:
+    """Per prompt: its token count, and per object its attributes, the four checks and where its description starts."""
+    rows = []
+    for item, image in zip(items, images, strict=True):
+        scored = score_image(image, item.scene)
+        starts = description_starts(tokenizer, item)
+        objects = [{**o, "starts_at_token": s, "checks": checks}
+                   for o, s, checks in zip(item.scene["objects"], starts, scored["objects"])]
+        rows.append({"index": item.index, "profile": item.profile, "tokens": num_tokens(tokenizer, item.prompt),
+                     "background": scored["background"], "objects": objects})
+    return rows
+
+
+def _rates(objects: list[dict]) -> dict:
+    if not objects:
+        return {"objects": 0}
+    rates = {c: sum(o["checks"][c] for o in objects) / len(objects) for c in CHECKS}
+    return {"objects": len(objects), **rates, "faithfulness": sum(rates.values()) / len(CHECKS)}
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Check rates (and faithfulness, their mean) overall, by paragraph length and by description position."""
+    every = [(row, o) for row in rows for o in row["objects"]]
+    groups = {"overall": [o for _, o in every]}
+    for name, (lo, hi) in LENGTH_GROUPS.items():
+        groups[name] = [o for row, o in every if lo <= row["tokens"] <= hi]
+    for name, (lo, hi) in POSITION_GROUPS.items():
+        groups[name] = [o for _, o in every if lo <= o["starts_at_token"] <= hi]
+    summary = {name: _rates(objects) for name, objects in groups.items()}
+    summary["overall"]["background"] = sum(r["background"] for r in rows) / max(1, len(rows))
+    summary["overall"]["images"] = len(rows)
+    return summary
+
+
+def metrics(summary: dict) -> dict[str, float]:
+    """The summary flattened for MLflow: eval/<group>/<check>."""
+    return {f"eval/{group}/{key}": float(value) for group, rates in summary.items() for key, value in rates.items()}
+
+
+def evaluate(pipe, items: list[EvalPrompt], *, seed: int, steps: int, guidance_scale: float, batch_size: int,
+             resolution: int | None = None, tokenizer=None, progress: bool = True) -> tuple[list, list[dict], dict]:
+    """Generate every paragraph's image with `pipe` and score it: (images, per-prompt rows, summary).
+    Token counts use `tokenizer` (default: the pipeline's), so two models can be bucketed alike."""
+    from para_train.inference.generate import generate_images
+
+    images = generate_images(pipe, [it.prompt for it in items], seed=seed, steps=steps, guidance_scale=guidance_scale,
+                             batch_size=batch_size, resolution=resolution, progress=progress)
+    rows = score_items(items, images, tokenizer or pipe.tokenizer)
+    return images, rows, summarize(rows)
+
+
+# ------------------------------------------------------------------ command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from para_train.inference.generate import add_sampling_arguments
+
+    parser.add_argument("model", help="an exported folder (para-train export)")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--compare", default=None, metavar="MODEL", help="a second exported folder to evaluate on the "
+                                                                          "same paragraphs and seeds")
+    parser.add_argument("--num-prompts", type=int, default=60, help="paragraphs (default: 60, 20 per length profile)")
+    parser.add_argument("--eval-seed", type=int, default=0, help="which evaluation set (default: 0)")
+    parser.add_argument("--mlflow", action="store_true", help="log each model's scores as an MLflow run")
+    parser.add_argument("--tracking-uri", default=None, help="MLflow server or store (default: $MLFLOW_TRACKING_URI, "
+                                                             "else sqlite in --out)")
+    parser.add_argument("--experiment", default="para-train-eval", help="MLflow experiment (default: para-train-eval)")
+    add_sampling_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from para_train.inference.generate import save_images, settings
+    from para_train.inference.pipeline import load_pipeline
+    from para_train.sampling import grid
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    out = Path(args.out)
+    models = {"a": args.model, **({"b": args.compare} if args.compare else {})}
+    items = eval_set(args.num_prompts, args.eval_seed)
+    results, images, tokenizer = {}, {}, None
+    for label, model in models.items():
+        try:
+            pipe = load_pipeline(model, args.device, args.dtype, args.llm_path)
+        except (FileNotFoundError, ValueError) as e:
+            print(f"evaluate error: {e}", file=sys.stderr)
+            return 2
+        log.info("model %s: %s", label, model)
+        tokenizer = tokenizer or pipe.tokenizer  # both models' paragraphs are bucketed by model a's tokenizer
+        images[label], rows, summary = evaluate(pipe, items, seed=args.seed, steps=args.steps,
+                                                guidance_scale=args.guidance_scale, batch_size=args.batch_size,
+                                                resolution=args.resolution, tokenizer=tokenizer)
+        files = save_images(images[label], out / label)
+        results[label] = {"model": str(Path(model).resolve()), "settings": settings(pipe, args), "summary": summary,
+                          "prompts": [{**row, "image": f"{label}/{f}", "seed": args.seed + row["index"]}
+                                      for row, f in zip(rows, files)]}
+        del pipe
+    report = {"eval_set": {"num_prompts": args.num_prompts, "eval_seed": args.eval_seed,
+                           "paragraphs": [it.prompt for it in items], "scenes": [it.scene for it in items]},
+              "models": results}
+    if "b" in results:
+        report["delta_b_minus_a"] = _delta(results["a"]["summary"], results["b"]["summary"])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "scores.json").write_text(json.dumps(report, indent=1) + "\n")
+    side = max(SHOW_SIDE, *images["a"][0].size)  # small images are shown enlarged, pixels kept sharp
+    rows = [[ground_truth(it, side)] + [images[label][it.index].resize((side, side), Image.NEAREST)
+                                        for label in results] for it in items[:16]]
+    grid([im for row in rows for im in row], cols=len(rows[0])).save(out / "side_by_side.png")
+    if args.mlflow:
+        _log_mlflow(args, out, results)
+    print(_table(results))
+    print(f"scores in {out / 'scores.json'}; images in {out}/<model>/images; ground truth | model(s): "
+          f"{out / 'side_by_side.png'}")
+    return 0
+
+
+def _delta(a: dict, b: dict) -> dict:
+    return {group: {k: b[group][k] - a[group][k] for k in a[group] if k in b[group] and k not in ("objects", "images")}
+            for group in a}
+
+
+def _table(results: dict) -> str:
+    labels = list(results)
+    lines = [f"{'':32}" + "".join(f"{label:>10}" for label in labels) + ("     delta" if len(labels) == 2 else "")]
+    for group in results[labels[0]]["summary"]:
+        for key in ("faithfulness", *CHECKS):
+            values = [results[label]["summary"][group].get(key) for label in labels]
+            if values[0] is None:
+                continue
+            line = f"{group + ' ' + key:32}" + "".join(f"{v:10.3f}" for v in values)
+            lines.append(line + (f"{values[1] - values[0]:+10.3f}" if len(values) == 2 else ""))
+    return "\n".join(lines + [f"{label}: {results[label]['model']}" for label in labels])
+
+
+def _log_mlflow(args: argparse.Namespace, out: Path, results: dict) -> None:
+    import os
+
+    from para_train.tracking import TrackingConfig, create_tracker
+
+    for label, result in results.items():
+        cfg = TrackingConfig(enabled=True, uri=args.tracking_uri, experiment=args.experiment,
+                             run_name=f"eval {label}: {Path(result['model']).name}",
+                             shutdown_timeout_s=120.0)  # nothing runs after this: wait for MLflow to take it all
+        tracker = create_tracker(cfg, str(out), rank=0, env_tracking_uri=os.environ.get("MLFLOW_TRACKING_URI"),
+                                 tags={"para_train.eval_model": result["model"], "para_train.eval_label": label})
+        try:
+            tracker.log_params({**result["settings"], "model": result["model"], "num_prompts": args.num_prompts,
+                                "eval_seed": args.eval_seed})
+            tracker.log_metrics(metrics(result["summary"]), step=0)
+            tracker.log_artifact(str(out / "scores.json"))
+            tracker.log_artifact(str(out / "side_by_side.png"))
+        finally:
+            tracker.close()
