@@ -16,7 +16,7 @@ setup(
         "transformers>=4.45,<5",
         "peft>=0.13",
         "diffusers>=0.31",
-        "mosaicml-streaming>=0.10",
+        "mosaicml-streaming==0.13.*",  # para_train/data/dataset.py guards against 0.13 download races
         "triton>=3.0",
         "mlflow>=2.16",
         "safetensors",

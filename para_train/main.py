@@ -57,6 +57,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(dist_env.cpu_threads)
     init_process_group(dist_env)
 
+    from para_train.data.dataset import DataError
     from para_train.training.trainer import Trainer
 
     trainer = None
@@ -65,6 +66,9 @@ def main(argv=None) -> int:
         trainer.train()
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except DataError as e:
+        print(f"data error: {e}", file=sys.stderr)
         return 2
     except SystemExit as e:
         return int(e.code or 0)

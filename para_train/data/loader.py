@@ -7,38 +7,83 @@ from pathlib import Path
 from filelock import FileLock
 
 from para_train.config import Config, ConfigError
-from para_train.data.dataset import build_loader
-from para_train.data.shards import ensure_synthetic_shards
+from para_train.data.dataset import ShardStream, build_loader
+from para_train.data.shards import ensure_synthetic_shards, is_remote, synthetic_dataset_dir
+
+
+def stream_location(remote: str, cache_dir: Path, key: str = "data.remote") -> tuple[str, str | None]:
+    """(local, remote) for MosaicML streaming: a local folder is read in place, a URL is cached under cache_dir."""
+    if not is_remote(remote):
+        folder = Path(remote).expanduser()
+        if not (folder / "index.json").is_file():
+            raise ConfigError(f"{key}: {remote} holds no MDS index.json; convert your data first "
+                              "(para-train data convert)")
+        return str(folder), None
+    digest = hashlib.sha1(remote.encode()).hexdigest()[:12]
+    return str(cache_dir / "streams" / digest), remote
+
+
+def stream_locations(cfg: Config) -> list[tuple[str, str | None]]:
+    """(local, remote) of every configured shard set; the synthetic set when none is configured."""
+    d = cfg.data
+    if not d.remotes():
+        return [(str(synthetic_dataset_dir(cfg.cache_dir, d.synthetic_seed, d.synthetic_samples)), None)]
+    key = "data.streams[{}].remote" if d.streams else "data.remote"
+    return [stream_location(s.remote, cfg.cache_dir, key.format(i)) for i, s in enumerate(d.remotes())]
 
 
 def data_location(cfg: Config) -> tuple[str, str | None]:
-    """(local, remote) for MosaicML streaming."""
-    d = cfg.data
-    if d.remote is None:
-        from para_train.data.shards import synthetic_dataset_dir
-
-        return str(synthetic_dataset_dir(cfg.cache_dir, d.synthetic_seed, d.synthetic_samples)), None
-    if "://" not in d.remote:  # a local shard folder: read in place
-        if not (Path(d.remote).expanduser() / "index.json").is_file():
-            raise ConfigError(f"data.remote: {d.remote} holds no MDS index.json; convert your data first "
-                              "(para-train data convert)")
-        return str(Path(d.remote).expanduser()), None
-    digest = hashlib.sha1(d.remote.encode()).hexdigest()[:12]
-    return str(cfg.cache_dir / "streams" / digest), d.remote
+    """(local, remote) of the first (usually the only) shard set."""
+    return stream_locations(cfg)[0]
 
 
 def prepare_data(cfg: Config) -> None:
-    """Make sure the data exists: the synthetic set is generated once (one process does it, the others wait)."""
+    """Make sure the data exists: the synthetic set is generated once (one process does it, the others wait);
+    local shard folders are checked before any model is built."""
     d = cfg.data
-    if d.remote is not None:
+    if d.remotes():
+        cache_limit(cfg)
         return
     cfg.cache_dir.mkdir(parents=True, exist_ok=True)
     with FileLock(str(cfg.cache_dir / "synthetic.lock")):
         ensure_synthetic_shards(cfg.cache_dir, d.synthetic_seed, d.synthetic_samples)
 
 
+def cache_limit(cfg: Config) -> str | None:
+    """data.cache_limit, checked: it deletes cached shards, so it cannot apply to local folders read in place."""
+    d = cfg.data
+    if d.cache_limit is None or not d.remotes():
+        return None
+    if any(remote is None for _, remote in stream_locations(cfg)):
+        raise ConfigError("data.cache_limit: it deletes cached shards, so it applies only when every stream is remote "
+                          "(s3://...), not to local folders read in place; set data.cache_limit=null")
+    return d.cache_limit
+
+
+def build_streams(cfg: Config) -> list[ShardStream]:
+    d = cfg.data
+    weights = [(s.proportion, s.repeat, s.choose) for s in d.remotes()] or [(None, None, None)]  # synthetic: unweighted
+    return [ShardStream(remote=remote, local=local, proportion=proportion, repeat=repeat, choose=choose,
+                        download_retry=d.download_retry, download_timeout=d.download_timeout,
+                        validate_hash=d.validate_hash if remote else None)
+            for (local, remote), (proportion, repeat, choose) in zip(stream_locations(cfg), weights)]
+
+
 def build_train_loader(cfg: Config, tokenizer):
-    local, remote = data_location(cfg)
-    return build_loader(local=local, remote=remote, tokenizer=tokenizer, max_length=cfg.model.llm.max_length,
-                        resolution=cfg.data.resolution, batch_size=cfg.train.micro_batch_size, shuffle=cfg.data.shuffle,
-                        seed=cfg.run.seed, num_workers=cfg.data.num_workers)
+    d = cfg.data
+    return build_loader(streams=build_streams(cfg), tokenizer=tokenizer, max_length=cfg.model.llm.max_length,
+                        resolution=d.resolution, batch_size=cfg.train.micro_batch_size, shuffle=d.shuffle,
+                        seed=cfg.run.seed, num_workers=d.num_workers, crop=d.crop, flip=d.flip,
+                        use_latents=d.use_latents, use_text_embeds=d.use_text_embeds,
+                        llm_trains=cfg.model.lora.enabled, epoch_size=d.epoch_size,
+                        cache_limit=cache_limit(cfg))
+
+
+def open_shards(path: str, cache_dir: Path, validate_hash: str | None = "xxh64"):
+    """Random access (`.get_item(i)`, `.num_samples`) to the raw samples of one shard set, a folder or a URL,
+    in this process only (not partitioned over ranks)."""
+    from streaming import StreamingDataset
+
+    local, remote = stream_location(path, Path(cache_dir).expanduser(), key=path)
+    stream = ShardStream(remote=remote, local=local, validate_hash=validate_hash if remote else None)
+    return StreamingDataset(streams=[stream], shuffle=False, batch_size=1)

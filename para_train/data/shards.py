@@ -5,10 +5,12 @@ import logging
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
+from urllib.parse import urlparse
 
 from streaming import MDSWriter
 from tqdm import tqdm
 
+from para_train.data.dataset import DataError
 from para_train.data.synthetic import synthetic_sample
 
 log = logging.getLogger(__name__)
@@ -23,14 +25,43 @@ COLUMNS = {
     "source": "str",
     "scene": "json",  # machine-readable scene record (synthetic data), else null
 }
+# Added by `para-train data precompute` (fp16 arrays; see para_train/data/precompute.py).
+PRECOMPUTED_COLUMNS = {
+    "latents": "ndarray:float16",  # [C, R/8, R/8], already multiplied by the VAE's scaling factor
+    "text_embeds": "ndarray:float16",  # [tokens, D]: the frozen LLM's features of the unpadded caption
+}
+HASHES = ["sha1", "xxh64"]  # recorded per shard; the loader checks data.validate_hash on download
 COMPLETE_MARKER = ".complete"
 
 
-def write_shards(samples: Iterable[dict], out: str | tuple[str, str], size_limit: str | int = "64mb",
-                 compression: str | None = None, total: int | None = None, desc: str = "writing shards") -> int:
-    """Write sample dicts (keys = COLUMNS) to MDS shards at `out` (a folder, or (local, remote))."""
+def is_remote(path: str) -> bool:
+    """s3://, gs://, oci://, dbfs:/, ... (anything MosaicML streaming downloads), as opposed to a local folder."""
+    return len(urlparse(path).scheme) > 1
+
+
+def open_writer(out: str, columns: dict[str, str], size_limit: str | int = "64mb", compression: str | None = None,
+                overwrite: bool = False) -> MDSWriter:
+    """An MDSWriter to a local folder or a remote URL (shards are staged in a temporary folder and uploaded)."""
+    if not is_remote(out):
+        folder = Path(out).expanduser()
+        if folder.exists() and any(folder.iterdir()) and not overwrite:
+            raise FileExistsError(f"{out} exists and is not empty; choose a new folder or pass --overwrite")
+        return MDSWriter(out=str(folder), columns=columns, size_limit=size_limit, compression=compression,
+                         hashes=HASHES, exist_ok=overwrite)
+    try:
+        return MDSWriter(out=out, columns=columns, size_limit=size_limit, compression=compression, hashes=HASHES)
+    except ValueError:
+        raise  # a bad size limit or compression name: streaming's message says which
+    except Exception as e:
+        raise DataError(f"cannot write shards to {out}: {e}. Check that the bucket exists and the credentials (for "
+                        "S3: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, and S3_ENDPOINT_URL for non-AWS servers)") from e
+
+
+def write_shards(samples: Iterable[dict], out: str, size_limit: str | int = "64mb", compression: str | None = None,
+                 total: int | None = None, desc: str = "writing shards", columns: dict[str, str] = COLUMNS) -> int:
+    """Write sample dicts (keys = `columns`) to MDS shards at `out` (a new local folder or a remote URL)."""
     count = 0
-    with MDSWriter(out=out, columns=COLUMNS, size_limit=size_limit, compression=compression) as writer:
+    with open_writer(out, columns, size_limit, compression) as writer:
         for sample in tqdm(samples, total=total, desc=desc, unit="sample", mininterval=2.0):
             writer.write(sample)
             count += 1

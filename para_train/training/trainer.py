@@ -279,7 +279,7 @@ class Trainer:
         d = self.device
         text = batch.get("text_embeds")  # precomputed frozen-LLM features (stage 1 only)
         if text is not None:
-            text = text.to(d)
+            text = text.to(d, self.model.unet.dtype)  # the dtype the live LLM would produce (bf16 on GPU)
             text[drop] = self._empty_text_embeds().to(text.dtype)
         return self.engine(latents.to(d), ids.to(d), mask.to(d), noise.to(d), t.to(d), text)
 
