@@ -11,6 +11,12 @@ import sys
 
 # name -> (module, one-line help). Two-word names ("data convert") become sub-sub-commands.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "data convert": ("para_train.data.convert_command", "image-paragraph pairs (TSV/JSONL/folder/synthetic) -> MDS shards"),
+    "data precompute": ("para_train.data.precompute_command", "shards -> shards with VAE latents / text embeddings"),
+    "export": ("para_train.inference.export", "a stage's final weights or a ZeRO-3 checkpoint -> a diffusers folder"),
+    "generate": ("para_train.inference.generate", "paragraphs (txt/JSONL/ParaPrompts CSV) -> images, with an export"),
+    "evaluate": ("para_train.inference.evaluate", "faithfulness on synthetic scenes by paragraph length; --compare"),
+    "plan": ("para_train.plan", "will a stage fit on your GPUs, and how long will it take"),
 }
 
 
