@@ -109,6 +109,8 @@ def llama_flops(cfg: dict, tokens: int, lora_rank: int = 0, lora_targets: tuple[
         f.gemm(2 * t * lora_rank * o, trainable, trainable)
         return True
 
+    # The rotary embedding's one matmul per forward (inv_freq x positions), outside the decoder layers.
+    f.gemm(2 * (head_dim // 2) * t)
     h_grad = False  # the frozen embedding's output needs no gradient
     for _ in range(n_layers):
         with f.checkpointed(checkpointing and trainable):
