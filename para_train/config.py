@@ -397,7 +397,7 @@ def _build(cls, data: dict, prefix: str = ""):
         kwargs[key] = _coerce(value, hints[key], full)
     try:
         return cls(**kwargs)
-    except ConfigError as e:
+    except ValueError as e:  # ConfigError, or a section's own ValueError (e.g. TrackingConfig's)
         raise ConfigError(str(e)) from None
 
 

@@ -3,6 +3,7 @@
     tracker = create_tracker(cfg.tracking, run_dir, rank, env_tracking_uri=..., resume_run_id=...)
     tracker.log_params(config_dict)
     tracker.log_metrics({"loss": 0.12}, step)
+    tracker.log_model(export_dir, registered_name="para-train", tags={"stage": "1"})
     tracker.close()            # always, e.g. in a `finally`
 
 On rank 0, `log_*` only put an item on a bounded queue; one background thread creates (or
@@ -44,6 +45,7 @@ log = logging.getLogger("para_train.tracking")
 FALLBACK_FILE = "tracking_fallback.jsonl"
 FALLBACK_ARTIFACT_DIR = "tracking_fallback"  # images that could not be sent, saved as files
 PARENT_RUN_TAG = "para_train.parent_run_id"
+MODEL_ARTIFACT_PATH = "model"  # where log_model puts the exported folder in the run's artifacts
 
 # create_tracker waits at most this long for the run to exist, so that run_id is known on return.
 # A new local SQLite store takes ~2.5 s (its schema migrations), 5 s on a busy machine.
@@ -74,6 +76,10 @@ class TrackingConfig:
     run_name: str | None = None
     log_every: int = 10  # metrics every N steps (the trainer honours this)
     sample_every: int = 0  # sample grids every M steps, 0 = only at the end (the trainer)
+    # The exported model of each stage is logged as the run's `model/` artifact and registered as a
+    # new version of this registered model, tagged with its stage: "auto" = the experiment's name,
+    # "none" = log the artifact without registering it.
+    registered_model: str = "auto"
     queue_size: int = 1000  # items waiting for MLflow; beyond it they go to the fallback file
     shutdown_timeout_s: float = 20.0  # close() waits at most this long for MLflow
     system_metrics: bool = False  # MLflow's CPU/GPU/disk/network monitor (needs psutil)
@@ -84,6 +90,8 @@ class TrackingConfig:
                              "sqlite:///PATH/mlflow.db for a local store, or leave it unset")
         if not self.experiment:
             raise ValueError("tracking.experiment: empty; set a name, e.g. tracking.experiment=para-train")
+        if not self.registered_model.strip():
+            raise ValueError("tracking.registered_model: empty; use auto (the experiment's name), none, or a name")
         for key, minimum in (("log_every", 1), ("sample_every", 0), ("queue_size", 1)):
             if getattr(self, key) < minimum:
                 raise ValueError(f"tracking.{key}: must be >= {minimum}, got {getattr(self, key)}")
@@ -91,6 +99,10 @@ class TrackingConfig:
             raise ValueError(f"tracking.shutdown_timeout_s: must be > 0 (e.g. 20), got {self.shutdown_timeout_s}")
         if self.system_metrics and importlib.util.find_spec("psutil") is None:
             raise ValueError("tracking.system_metrics: needs psutil; pip install psutil, or set it to false")
+
+    @property
+    def registered_model_name(self) -> str | None:
+        return {"auto": self.experiment, "none": None}.get(self.registered_model, self.registered_model)
 
 
 class Tracker(Protocol):
@@ -103,6 +115,7 @@ class Tracker(Protocol):
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
     def log_image(self, image: PIL.Image.Image | str, artifact_file: str) -> None: ...
     def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None: ...
+    def log_model(self, local_dir: str, registered_name: str | None, tags: dict) -> None: ...
     def close(self, status: str = "FINISHED") -> None: ...
 
 
@@ -124,6 +137,9 @@ class NullTracker:
         pass
 
     def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
+        pass
+
+    def log_model(self, local_dir: str, registered_name: str | None, tags: dict) -> None:
         pass
 
     def close(self, status: str = "FINISHED") -> None:
@@ -229,6 +245,16 @@ class MlflowTracker:
             self._warn_once(f"missing:{local_path}", f"log_artifact: no file {local_path}: not logged")
             return
         self._put("artifact", {"artifact": local_path, "artifact_path": artifact_path, "time": time.time()})
+
+    def log_model(self, local_dir: str, registered_name: str | None, tags: dict) -> None:
+        """An exported model folder: uploaded as the run's `model/` artifact, then (with a name) registered
+        as a new version of `registered_name` carrying `tags`. Read by the worker later: leave it in place."""
+        local_dir = os.path.abspath(local_dir)
+        if not os.path.isdir(local_dir):
+            self._warn_once(f"missing:{local_dir}", f"log_model: no folder {local_dir}: not logged")
+            return
+        self._put("model", {"model": local_dir, "registered_model": registered_name,
+                            "tags": {str(k): str(v) for k, v in tags.items()}, "time": time.time()})
 
     def close(self, status: str = "FINISHED") -> None:
         """Ends the run with `status`, waiting at most cfg.shutdown_timeout_s for the queue."""
@@ -355,6 +381,10 @@ class MlflowTracker:
                 client.log_artifacts(run_id, record["artifact"], record["artifact_path"])
             else:
                 client.log_artifact(run_id, record["artifact"], record["artifact_path"])
+        elif kind == "model":
+            client.log_artifacts(run_id, record["model"], MODEL_ARTIFACT_PATH)
+            if record["registered_model"]:
+                self._register(record["registered_model"], record["tags"])
         elif kind == "image":
             directory, name = os.path.split(record["artifact_file"])
             with tempfile.TemporaryDirectory() as tmp:
@@ -362,6 +392,20 @@ class MlflowTracker:
                 client.log_artifact(run_id, os.path.join(tmp, name), directory or None)
         else:
             raise AssertionError(f"unknown tracking item {kind!r}")
+
+    def _register(self, name: str, tags: dict[str, str]) -> None:
+        from mlflow.exceptions import MlflowException
+
+        client = self._client
+        try:
+            client.create_registered_model(name)
+        except MlflowException as e:  # the usual case after the first stage
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        source = f"{client.get_run(self.run_id).info.artifact_uri}/{MODEL_ARTIFACT_PATH}"
+        version = client.create_model_version(name, source, run_id=self.run_id, tags=tags, await_creation_for=0)
+        log.info("registered model %s version %s (%s)", name, version.version,
+                 ", ".join(f"{k}={v}" for k, v in tags.items()))
 
     def _unlogged_steps(self, record: dict) -> dict:
         """Drops the keys already logged at this step or a later one: MLflow keeps every point."""
@@ -489,6 +533,34 @@ class MlflowTracker:
     def _warn_once(self, key: str, message: str, level=logging.WARNING, again_level=logging.DEBUG) -> None:
         log.log(again_level if key in self._warned else level, message)
         self._warned.add(key)
+
+
+PACKAGES = ("para-train", "torch", "deepspeed", "transformers", "peft", "diffusers", "mosaicml-streaming", "triton",
+            "mlflow", "flash-attn")
+
+
+def code_params(repo_root: str | os.PathLike) -> dict:
+    """What code a run ran: package versions and, in a git checkout, its revision and whether it had
+    uncommitted changes."""
+    import importlib.metadata
+    import subprocess
+
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    params: dict = {"versions": versions}
+    try:
+        def git(*args: str) -> str:
+            return subprocess.run(["git", "-C", str(repo_root), *args], capture_output=True, text=True, timeout=10,
+                                  check=True).stdout.strip()
+
+        params["git"] = {"revision": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "-uno"))}
+    except (OSError, subprocess.SubprocessError):  # not a checkout (an installed package), or no git
+        pass
+    return params
 
 
 def _flatten(params: dict, prefix: str = "") -> dict[str, str]:

@@ -31,6 +31,7 @@ def test_overrides_are_typed_and_dotted():
     (["data.resolution=30"], "data.resolution: must be a multiple of 8"),
     (["kernels.lora=cuda"], "kernels.lora: must be auto, triton or torch"),
     (["trainsteps"], "expected key=value"),
+    (["tracking.log_every=0"], "tracking.log_every: must be >= 1"),
 ])
 def test_bad_overrides_name_the_key_and_fix(overrides, message):
     with pytest.raises(ConfigError, match=None) as err:

@@ -3,12 +3,13 @@ a NaN on one rank, SIGKILL + resume giving the same losses as an uninterrupted r
 tracked in a real `mlflow server` (or an unreachable one)."""
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import free_port, kill_group, read_metrics, run_deepspeed, start_deepspeed, wait_for_step
+from conftest import REPO, free_port, kill_group, read_metrics, run_deepspeed, start_deepspeed, wait_for_step
 from mlflow_server import MlflowServer
 
 STEPS = 10
@@ -22,7 +23,8 @@ def common(run_dir, cache_dir, tracking_uri):
 def stage1_args(run_dir, cache_dir, tracking_uri):
     # rank 1 produces a NaN loss at step 4: every rank must skip that update
     return common(run_dir, cache_dir, tracking_uri) + [f"train.steps={STEPS}", "checkpoint.every=3",
-                                                       "debug.nan_loss_at_step=4", "debug.nan_loss_rank=1"]
+                                                       "debug.nan_loss_at_step=4", "debug.nan_loss_rank=1",
+                                                       "tracking.sample_every=5"]
 
 
 @pytest.fixture(scope="module")
@@ -78,25 +80,44 @@ def test_three_stages_on_two_ranks_with_a_nan_on_one_rank(three_stages):
     assert lora_b and all(t.numel() > 0 and torch.count_nonzero(t) > 0 for t in lora_b)
 
 
-def test_runs_are_tracked_in_mlflow(three_stages, mlflow_server):
+def test_runs_are_tracked_in_mlflow(three_stages, mlflow_server, tmp_path):
+    import subprocess
+    from importlib.metadata import version
+
+    from mlflow.artifacts import download_artifacts
     from mlflow.tracking import MlflowClient
 
     run_dir, _ = three_stages
     client = MlflowClient(mlflow_server.uri)
     stage1_id = (run_dir / "stage1" / "final" / "mlflow_run_id").read_text().strip()
     run = client.get_run(stage1_id)
-    assert run.data.params["train.steps"] == str(STEPS) and run.data.params["world_size"] == "2"
+    params = run.data.params
+    assert params["train.steps"] == str(STEPS) and params["world_size"] == "2" and params["num_nodes"] == "1"
+    assert params["versions.torch"] == version("torch") and params["versions.deepspeed"] == version("deepspeed")
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    assert params["git.revision"] == run.data.tags["mlflow.source.git.commit"] == head
     assert run.data.tags["stage"] == "1"
     history = client.get_metric_history(stage1_id, "loss")
     assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == \
         [(r["step"], r["loss"]) for r in read_metrics(run_dir / "stage1")]
-    artifacts = [a.path for a in client.list_artifacts(stage1_id, "samples")]
-    assert any(p.endswith(".png") for p in artifacts), artifacts
+    # sample grids as training goes (tracking.sample_every=5) and at the end
+    artifacts = sorted(a.path for a in client.list_artifacts(stage1_id, "samples"))
+    assert artifacts == ["samples/step_00000005.png", f"samples/step_{STEPS:08d}.png"], artifacts
     stage2_id = (run_dir / "stage2" / "final" / "mlflow_run_id").read_text().strip()
     assert client.get_run(stage2_id).data.tags["mlflow.parentRunId"] == stage1_id
-    # stage 3's server was unreachable: it trained to the end and kept its metrics locally
+    # each stage's export is a version of the registered model, tagged with its stage
+    versions = {v.tags["stage"]: v for v in client.search_model_versions("name='para-train'")
+                if v.run_id in (stage1_id, stage2_id)}
+    assert sorted(versions) == ["1", "2"]
+    got = Path(download_artifacts(artifact_uri=versions["2"].source, dst_path=str(tmp_path), tracking_uri=mlflow_server.uri))
+    unet = Path("unet") / "diffusion_pytorch_model.safetensors"
+    assert (got / unet).read_bytes() == (run_dir / "stage2" / "export" / unet).read_bytes()
+    assert (got / "model_index.json").is_file() and (got / "text_encoder" / "lora").is_dir()
+    # stage 3's server was unreachable: it trained to the end and kept its metrics and model locally
     fallback = [json.loads(x) for x in (run_dir / "tracking_fallback.jsonl").read_text().splitlines() if x]
     assert sorted(r["step"] for r in fallback if "metrics" in r and "loss" in r["metrics"]) == [1, 2]
+    assert [r["model"] for r in fallback if "model" in r] == [str((run_dir / "stage3" / "export").resolve())]
 
 
 def test_sigkill_and_resume_reproduce_the_uninterrupted_losses(three_stages, tmp_path, cache_dir, mlflow_server):

@@ -172,6 +172,10 @@ def test_local_default_store_in_the_run_dir(tmp_path):
     for step in range(10, 60, 10):
         tracker.log_metrics({"loss": step / 100}, step)
     tracker.log_image(_image(), "samples/final.png")
+    model = tmp_path / "export"
+    (model / "unet").mkdir(parents=True)
+    (model / "unet" / "config.json").write_text('{"sample_size": 8}')
+    tracker.log_model(str(model), "tiny-model", tags={"stage": 2})
     tracker.close()
 
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
@@ -179,6 +183,11 @@ def test_local_default_store_in_the_run_dir(tmp_path):
     assert client.get_run(tracker.run_id).data.params == {"data.resolution": "32"}
     [image_file] = (tmp_path / "mlartifacts").rglob("final.png")
     assert np.array_equal(np.asarray(PIL.Image.open(image_file)), np.asarray(_image()))
+    # the model registry lives in the same local store
+    [version] = client.search_model_versions("name='tiny-model'")
+    assert (version.run_id, version.tags, version.version) == (tracker.run_id, {"stage": "2"}, 1)
+    [config] = (tmp_path / "mlartifacts").rglob("model/unet/config.json")
+    assert config.read_text() == '{"sample_size": 8}'
 
 
 def test_system_metrics_when_enabled(server, tmp_path, monkeypatch):

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import torch
 
-from para_train.config import Config, ConfigError, save_config
+from para_train.config import REPO_ROOT, Config, ConfigError, save_config
 from para_train.data.loader import build_train_loader, prepare_data
 from para_train.inference.export import export_model
 from para_train.data.synthetic import synthetic_sample
 from para_train.sampling import grid, sample_latents, to_pil
-from para_train.tracking import create_tracker
+from para_train.tracking import code_params, create_tracker
 from para_train.training import checkpoint, engine as engine_mod, weights
 from para_train.training.distributed import DistEnv, all_reduce_sum, barrier
 from para_train.training.ema import ShardedEMA
@@ -79,12 +79,15 @@ class Trainer:
         # One MLflow store per training (run.dir); stages 2-3 nest under stage 1's run.
         first = Path(cfg.run.dir).expanduser() / "stage1" / "final" / "mlflow_run_id"
         parent = first.read_text().strip() if cfg.run.stage > 1 and first.is_file() else None
+        code = code_params(REPO_ROOT) if self.rank == 0 and cfg.tracking.enabled else {}
+        tags = {"stage": str(cfg.run.stage), "slurm_job_id": dist_env.slurm_job_id or ""}
+        if "git" in code:
+            tags["mlflow.source.git.commit"] = code["git"]["revision"]
         self.tracker = create_tracker(cfg.tracking, str(Path(cfg.run.dir).expanduser()), self.rank,
                                       env_tracking_uri=dist_env.mlflow_tracking_uri, resume_run_id=self.run_id,
-                                      parent_run_id=parent, tags={"stage": str(cfg.run.stage),
-                                                                  "slurm_job_id": dist_env.slurm_job_id or ""})
+                                      parent_run_id=parent, tags=tags)
         if self.step == 0:
-            self.tracker.log_params({**cfg.to_dict(), "world_size": dist_env.world_size,
+            self.tracker.log_params({**cfg.to_dict(), **code, "world_size": dist_env.world_size,
                                      "num_nodes": dist_env.num_nodes, **{f"params.{k}": v for k, v in self.num_params.items()}})
 
     # ------------------------------------------------------------------ set-up
@@ -184,6 +187,9 @@ class Trainer:
                 metrics["samples_per_s"] = samples_since / (now - t_last)
                 t_last, samples_since = now, 0
                 self._log(metrics, t_start, start_step)
+            every = cfg.tracking.sample_every
+            if every and self.step % every == 0 and self.step < cfg.train.steps:  # the last step samples in _finish
+                self._log_samples()
             if self.step % cfg.checkpoint.every == 0 or self.step == cfg.train.steps or stop:
                 self._save_checkpoint()
             if stop:
@@ -330,21 +336,27 @@ class Trainer:
             import shutil
             shutil.rmtree(final)
         weights.save_final(self.model, final, self.rank, ema_state)
-        samples = self._samples()
+        self._log_samples()
         barrier()
         if self.rank == 0:
             if self.tracker.run_id:
                 (final / "mlflow_run_id").write_text(self.tracker.run_id + "\n")
-            if samples is not None:
-                self.tracker.log_image(samples, f"samples/step_{self.step:08d}.png")
             self.tracker.log_artifact(str(self.stage_dir / "config.yaml"))
-            export_model(final, self.stage_dir / "export", cfg)  # raw weights, the ones the samples show
+            export = export_model(final, self.stage_dir / "export", cfg)  # raw weights, the ones the samples show
+            self.tracker.log_model(str(export), cfg.tracking.registered_model_name,
+                                   tags={"stage": cfg.run.stage, "run_dir": cfg.run.dir})
             nxt = cfg.run.stage + 1
             log.info("stage %d done: diffusers export in %s, final weights in %s, checkpoints in %s, samples in %s, metrics in %s%s",
                      cfg.run.stage, self.stage_dir / "export", final, self.ckpt_root, self.stage_dir / "samples", self.stage_dir / "metrics.jsonl",
                      f"; next: deepspeed para_train/main.py --stage {nxt} run.dir={cfg.run.dir}" if nxt <= 3 else "")
             log.info("to go bigger: --config configs/stage%d_*.yaml (real-scale weights you supply), "
                      "or sbatch cluster/stage1_64nodes.sh", cfg.run.stage)
+
+    def _log_samples(self) -> None:
+        """Sample the fixed paragraphs (every rank: ZeRO-3 gathers the weights) and log the grid from rank 0."""
+        g = self._samples()
+        if g is not None:
+            self.tracker.log_image(g, f"samples/step_{self.step:08d}.png")
 
     def _samples(self):
         s, cfg = self.cfg.sample, self.cfg
