@@ -13,8 +13,10 @@ the same steps, logging metrics at every step (tracking.log_every=1) and a sampl
   killed       a real server, SIGKILLed when the run reaches half its steps
   silent       a socket that accepts connections and never answers (the worst case: a hung server)
 
-For each it prints the wall time of the training loop (train()) and of the tracker's shutdown
-(close()), their excess over `off`, and how many metric points reached MLflow or the fallback file.
+For each it prints the wall time of the trainer's set-up (which creates the MLflow run and waits
+at most 10 s for it), of the training loop (train(), which ends with sampling and the export) and
+of the tracker's shutdown (close()), their sum's excess over `off`, and how many metric points
+reached MLflow or the fallback file.
 """
 from __future__ import annotations
 
@@ -142,7 +144,8 @@ def main() -> None:
         for case in cases:
             results[case] = run_case(case, env, root, cache, args.steps, servers)
             r = results[case]
-            print(f"  {case:<12} done: train {r['train']:.2f} s, close {r['close']:.2f} s", flush=True)
+            print(f"  {case:<12} done: set-up {r['build']:.2f} s, train {r['train']:.2f} s, close {r['close']:.2f} s",
+                  flush=True)
         if "doomed" in servers and results.get("killed", {}).get("run_id"):
             from mlflow.tracking import MlflowClient
 
@@ -158,12 +161,13 @@ def main() -> None:
 
     base = results.get("off")
     print(f"\n{args.steps} steps, metrics every step, tiny model, 1 rank; tracking.shutdown_timeout_s=20 (default)")
-    print(f"  {'case':<12} {'train()':>9} {'close()':>9} {'extra over off':>15} {'points in MLflow':>17} "
-          f"{'in fallback':>12}")
+    print(f"  {'case':<12} {'set-up':>9} {'train()':>9} {'close()':>9} {'extra over off':>15} "
+          f"{'points in MLflow':>17} {'in fallback':>12}")
+    total = lambda r: r["build"] + r["train"] + r["close"]  # noqa: E731
     for case, r in results.items():
-        extra = (r["train"] + r["close"]) - (base["train"] + base["close"]) if base else float("nan")
-        print(f"  {case:<12} {r['train']:8.2f}s {r['close']:8.2f}s {extra:+14.2f}s {r['mlflow']:>17} "
-              f"{r['fallback']:>12}")
+        extra = total(r) - total(base) if base else float("nan")
+        print(f"  {case:<12} {r['build']:8.2f}s {r['train']:8.2f}s {r['close']:8.2f}s {extra:+14.2f}s "
+              f"{r['mlflow']:>17} {r['fallback']:>12}")
     print(f"\nload average at end (1/5/15 min): {common.load_average()}")
 
 

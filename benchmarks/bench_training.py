@@ -189,7 +189,8 @@ def breakdown(env, cache, assets, run_dir, args, cfg, pre: dict, base: dict) -> 
     print(line(f"floor at micro batch {b}", base["floor"], b))
     print(line(f"para-train, ZeRO-3 (as configured), micro batch {b}", base["para_pre"], b) +
           f"  {base['para_pre'] / base['floor']:.2f}x floor")
-    variants = [("ZeRO-2", ["deepspeed.zero_stage=2"]), ("ZeRO-0 (no partitioning)", ["deepspeed.zero_stage=0"]),
+    variants = [("ZeRO-3, a hook per layer (deepspeed.leaf_modules=[])", ["deepspeed.leaf_modules=[]"]),
+                ("ZeRO-2", ["deepspeed.zero_stage=2"]), ("ZeRO-0 (no partitioning)", ["deepspeed.zero_stage=0"]),
                 ("ZeRO-0, no EMA, no gradient clipping", ["deepspeed.zero_stage=0", "train.ema_decay=0",
                                                           "train.grad_clip=0"])]
     for i, (name, extra) in enumerate(variants):

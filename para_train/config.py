@@ -253,6 +253,11 @@ class DeepSpeedSection:
     zero_stage: int = 3
     offload_optimizer: bool = False
     offload_params: bool = False
+    # Module classes ZeRO-3 gathers whole, with one fetch/release hook for the block instead of one per
+    # layer inside it: far fewer hooks per step, at the cost of holding one block's weights at a time.
+    # Names that match no module in the model are ignored; [] = DeepSpeed's per-layer hooks. Modules of the
+    # LLM can be leaves only in stage 1 (DeepSpeed does not gather a leaf again for LoRA's backward).
+    leaf_modules: list[str] = field(default_factory=lambda: ["ResnetBlock2D", "BasicTransformerBlock"])
 
     def __post_init__(self):
         _check(self.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", "must be 0..3")

@@ -76,9 +76,9 @@ class TrackingConfig:
     run_name: str | None = None
     log_every: int = 10  # metrics every N steps (the trainer honours this)
     sample_every: int = 0  # sample grids every M steps, 0 = only at the end (the trainer)
-    # The exported model of each stage is logged as the run's `model/` artifact and registered as a
+    # The exported model of each stage is uploaded as the run's `model/` artifact and registered as a
     # new version of this registered model, tagged with its stage: "auto" = the experiment's name,
-    # "none" = log the artifact without registering it.
+    # "none" = neither (the export stays on disk only).
     registered_model: str = "auto"
     queue_size: int = 1000  # items waiting for MLflow; beyond it they go to the fallback file
     shutdown_timeout_s: float = 20.0  # close() waits at most this long for MLflow
@@ -115,7 +115,7 @@ class Tracker(Protocol):
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
     def log_image(self, image: PIL.Image.Image | str, artifact_file: str) -> None: ...
     def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None: ...
-    def log_model(self, local_dir: str, registered_name: str | None, tags: dict) -> None: ...
+    def log_model(self, local_dir: str, registered_name: str, tags: dict) -> None: ...
     def close(self, status: str = "FINISHED") -> None: ...
 
 
@@ -139,7 +139,7 @@ class NullTracker:
     def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
         pass
 
-    def log_model(self, local_dir: str, registered_name: str | None, tags: dict) -> None:
+    def log_model(self, local_dir: str, registered_name: str, tags: dict) -> None:
         pass
 
     def close(self, status: str = "FINISHED") -> None:
@@ -246,9 +246,9 @@ class MlflowTracker:
             return
         self._put("artifact", {"artifact": local_path, "artifact_path": artifact_path, "time": time.time()})
 
-    def log_model(self, local_dir: str, registered_name: str | None, tags: dict) -> None:
-        """An exported model folder: uploaded as the run's `model/` artifact, then (with a name) registered
-        as a new version of `registered_name` carrying `tags`. Read by the worker later: leave it in place."""
+    def log_model(self, local_dir: str, registered_name: str, tags: dict) -> None:
+        """An exported model folder: uploaded as the run's `model/` artifact, then registered as a new
+        version of `registered_name` carrying `tags`. Read by the worker later: leave it in place."""
         local_dir = os.path.abspath(local_dir)
         if not os.path.isdir(local_dir):
             self._warn_once(f"missing:{local_dir}", f"log_model: no folder {local_dir}: not logged")
@@ -383,8 +383,7 @@ class MlflowTracker:
                 client.log_artifact(run_id, record["artifact"], record["artifact_path"])
         elif kind == "model":
             client.log_artifacts(run_id, record["model"], MODEL_ARTIFACT_PATH)
-            if record["registered_model"]:
-                self._register(record["registered_model"], record["tags"])
+            self._register(record["registered_model"], record["tags"])
         elif kind == "image":
             directory, name = os.path.split(record["artifact_file"])
             with tempfile.TemporaryDirectory() as tmp:

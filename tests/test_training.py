@@ -132,3 +132,11 @@ def test_resume_on_a_different_number_of_ranks(dist_env, tmp_path, cache_dir):
     final = load_file(str(tmp_path / "stage1" / "final" / "unet" / "diffusion_pytorch_model.safetensors"))
     for k, v in final.items():
         assert torch.equal(v, after_one_rank["unet." + k]), k
+
+
+def test_llm_leaf_modules_are_refused_while_lora_trains(dist_env, tmp_path, cache_dir):
+    from para_train.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"deepspeed.leaf_modules: \['LlamaDecoderLayer'\] are LLM modules"):
+        make_trainer(dist_env, 2, tmp_path, cache_dir, "deepspeed.leaf_modules=[LlamaDecoderLayer]",
+                     "checkpoint.init_from=none")

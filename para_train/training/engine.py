@@ -123,6 +123,15 @@ def build_model(cfg: Config, dist_env: DistEnv, ds_config: dict) -> Built:
     # Freeze per stage: the LLM base is always frozen; LoRA (stages 2-3), UNet and projection train.
     for name, p in model.named_parameters():
         p.requires_grad_(not name.startswith("text_encoder.llm.") or "lora_" in name)
+    if zero3 and cfg.deepspeed.leaf_modules:
+        leaves = deepspeed.utils.set_z3_leaf_modules(model, list(cfg.deepspeed.leaf_modules), raise_if_not_found=False)
+        llm_modules = {id(mod) for mod in llm.modules()}
+        in_llm = {type(mod).__name__ for mod in leaves if id(mod) in llm_modules}
+        if in_llm and m.lora.enabled:
+            raise ConfigError(f"deepspeed.leaf_modules: {sorted(in_llm)} are LLM modules, which DeepSpeed cannot gather "
+                              "whole while LoRA trains (their weights would be missing in the backward pass); remove "
+                              "them (they may stay in stage 1, where the LLM is frozen)")
+        log.info("ZeRO-3 gathers %d blocks whole (deepspeed.leaf_modules)", len(leaves))
 
     vae = build.load_vae(build.resolve_vae_path(m.vae.path, cache))
     if dist_env.use_cuda:

@@ -343,8 +343,9 @@ class Trainer:
                 (final / "mlflow_run_id").write_text(self.tracker.run_id + "\n")
             self.tracker.log_artifact(str(self.stage_dir / "config.yaml"))
             export = export_model(final, self.stage_dir / "export", cfg)  # raw weights, the ones the samples show
-            self.tracker.log_model(str(export), cfg.tracking.registered_model_name,
-                                   tags={"stage": cfg.run.stage, "run_dir": cfg.run.dir})
+            if cfg.tracking.registered_model_name:
+                self.tracker.log_model(str(export), cfg.tracking.registered_model_name,
+                                       tags={"stage": cfg.run.stage, "run_dir": cfg.run.dir})
             nxt = cfg.run.stage + 1
             log.info("stage %d done: diffusers export in %s, final weights in %s, checkpoints in %s, samples in %s, metrics in %s%s",
                      cfg.run.stage, self.stage_dir / "export", final, self.ckpt_root, self.stage_dir / "samples", self.stage_dir / "metrics.jsonl",
