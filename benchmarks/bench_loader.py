@@ -133,9 +133,9 @@ def main(argv=None) -> int:
     }
     best = {name: 0.0 for name in loaders}
     for r in range(args.rounds):
-        for name, loader in loaders.items():
-            best[name] = max(best[name], epoch_rate(loader))
-        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{v:.0f}" for v in best.values()))
+        rates = {name: epoch_rate(loader) for name, loader in loaders.items()}
+        best = {name: max(best[name], rate) for name, rate in rates.items()}
+        print(f"round {r + 1}/{args.rounds} (samples/s): " + ", ".join(f"{v:.0f}" for v in rates.values()))
     base = best["tsv + PIL folder (LaVi-Bridge way)"]
     print(f"\n{'loader':40s} {'samples/s':>10s} {'vs tsv+PIL':>11s}")
     for name, rate in best.items():
