@@ -35,15 +35,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 sys.path.insert(0, str(common.REPO / "tests"))
+from conftest import free_port  # noqa: E402
 from mlflow_server import MlflowServer  # noqa: E402
 
 CASES = ("off", "local", "server", "unreachable", "killed", "silent")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def kill_at_step(server: MlflowServer, metrics: Path, step: int) -> threading.Thread:
@@ -62,6 +57,19 @@ def kill_at_step(server: MlflowServer, metrics: Path, step: int) -> threading.Th
     return thread
 
 
+def tracking_uri(case: str, servers: dict) -> str | None:
+    """None: the default local store (or tracking off)."""
+    if case == "server":
+        return servers["live"].uri
+    if case == "killed":
+        return servers["doomed"].uri
+    if case == "silent":
+        return f"http://127.0.0.1:{servers['silent'].getsockname()[1]}"
+    if case == "unreachable":
+        return f"http://127.0.0.1:{free_port()}"  # nobody listens there
+    return None
+
+
 def run_case(case: str, env, root: Path, cache: Path, steps: int, servers: dict) -> dict:
     from mlflow.tracking import MlflowClient
 
@@ -70,10 +78,7 @@ def run_case(case: str, env, root: Path, cache: Path, steps: int, servers: dict)
     from para_train.training.trainer import Trainer
 
     run_dir = root / case
-    uri = {"off": None, "local": None, "server": servers["live"].uri if "live" in servers else None,
-           "unreachable": f"http://127.0.0.1:{free_port()}",
-           "killed": servers["doomed"].uri if "doomed" in servers else None,
-           "silent": f"http://127.0.0.1:{servers['silent'].getsockname()[1]}" if "silent" in servers else None}[case]
+    uri = tracking_uri(case, servers)
     overrides = [f"run.dir={run_dir}", f"data.cache_dir={cache}", "data.synthetic_samples=64", f"train.steps={steps}",
                  "train.log_every=1000", "tracking.log_every=1", "checkpoint.every=100000", "sample.num_images=2",
                  "sample.steps=3", f"tracking.enabled={'false' if case == 'off' else 'true'}"]

@@ -130,15 +130,21 @@ def verdict(ok: bool) -> str:
     return "met" if ok else "MISSED"
 
 
-def bench_stage1(env, cache, assets, run_dir, args, results: dict) -> None:
+def setup_stage(stage: int, env, cache, assets, run_dir, extra: list[str] = ()):
+    """The trainer of `stage` on the benchmark model, one batch of pixels, the same batch precomputed
+    (latents, and text features for the frozen-LLM stage 1), and the usual loop on the same model."""
     from para_train.config import load_config
     from para_train.training.trainer import Trainer
 
-    cfg = load_config(1, None, common.bench_overrides(cache, run_dir, *assets))
+    cfg = load_config(stage, None, common.bench_overrides(cache, run_dir, *assets) + list(extra))
     trainer = Trainer(cfg, env)
     pixels = next(iter(trainer.loader))
-    pre = precompute(trainer, pixels, text=True)
-    usual = UsualLoop(*assets, cfg, lora=False)
+    pre = precompute(trainer, pixels, text=stage == 1)
+    return cfg, trainer, pixels, pre, UsualLoop(*assets, cfg, lora=stage > 1)
+
+
+def bench_stage1(env, cache, assets, run_dir, args, results: dict) -> None:
+    cfg, trainer, pixels, pre, usual = setup_stage(1, env, cache, assets, run_dir)
     times = common.interleaved({
         "floor": floor_step_fn(cfg, pre),
         "para_pre": trainer_step_fn(trainer, pre),
@@ -214,15 +220,9 @@ def breakdown(env, cache, assets, run_dir, args, cfg, pre: dict, base: dict) -> 
 
 
 def bench_stage2(env, cache, assets, run_dir, args, results: dict) -> None:
-    from para_train.config import load_config
     from para_train.plan import llama_flops, unet_flops, vae_encode_flops
-    from para_train.training.trainer import Trainer
 
-    cfg = load_config(2, None, common.bench_overrides(cache, run_dir, *assets) + ["checkpoint.init_from=none"])
-    trainer = Trainer(cfg, env)
-    pixels = next(iter(trainer.loader))
-    pre = precompute(trainer, pixels, text=False)
-    usual = UsualLoop(*assets, cfg, lora=True)
+    cfg, trainer, pixels, pre, usual = setup_stage(2, env, cache, assets, run_dir, ["checkpoint.init_from=none"])
     times = common.interleaved({
         "para_px": trainer_step_fn(trainer, pixels),
         "para_pre": trainer_step_fn(trainer, pre),
