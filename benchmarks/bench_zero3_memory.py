@@ -6,9 +6,8 @@ each rank holds after a training step, at world size 1 and 2, against the unshar
     deepspeed --num_gpus 2 benchmarks/bench_zero3_memory.py --worker --out DIR [--model tiny] [key=value ...]
 
 The model and engine are built exactly as the trainer builds them (para_train.training.engine:
-deepspeed_config, build_model under zero.Init, initialize); the bytes are read from the tensors
-DeepSpeed allocated: each parameter's shard (`ds_tensor`), the optimizer's flat gradient partition,
-its fp32 master partition where that is a separate copy, and the Adam state.
+deepspeed_config, build_model under zero.Init, initialize); the bytes are read by
+para_train.training.memory, as the trainer itself writes them into ranks/rank<r>.json.
 """
 from __future__ import annotations
 
@@ -24,42 +23,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 
-def _nbytes(t) -> int:
-    return t.numel() * t.element_size()
-
-
-def measure(engine, model, ema) -> dict:
-    """Bytes this rank holds, by kind. The fp32 master partition counts where its storage is not a
-    parameter shard's (DeepSpeed 0.19 keeps a separate copy even in fp32 training)."""
-    import torch
-
-    opt = engine.optimizer
-    if not hasattr(opt, "grad_partitions_flat_buffer"):
-        raise RuntimeError(f"{type(opt).__name__} is not DeepSpeed's ZeRO-3 optimizer; set deepspeed.zero_stage=3")
-    out = {"params_trainable": 0, "params_frozen": 0, "numel_trainable": 0, "numel_frozen": 0}
-    param_storages = set()
-    for p in model.parameters():
-        shard = p.ds_tensor if hasattr(p, "ds_tensor") else p.data
-        kind = "trainable" if p.requires_grad else "frozen"
-        out[f"params_{kind}"] += _nbytes(shard)
-        out[f"numel_{kind}"] += int(getattr(p, "ds_numel", p.numel()))
-        param_storages.add(shard.untyped_storage().data_ptr())
-    out["grads"] = _nbytes(opt.grad_partitions_flat_buffer)
-    out["master"] = sum(_nbytes(t) for t in opt.fp32_partitioned_groups_flat
-                        if t.untyped_storage().data_ptr() not in param_storages)
-    out["optimizer_state"] = sum(_nbytes(v) for state in opt.optimizer.state.values() for v in state.values()
-                                 if isinstance(v, torch.Tensor))
-    out["ema"] = sum(_nbytes(s) for s in ema.shadow) if ema is not None else 0
-    out["total"] = sum(out[k] for k in ("params_trainable", "params_frozen", "grads", "master", "optimizer_state", "ema"))
-    return out
-
-
 def measure_engine(cfg, env) -> dict:
     """Build the engine as the trainer does, take one step (Adam allocates its state lazily), measure."""
     import torch
 
     from para_train.training import engine as engine_mod
     from para_train.training.ema import ShardedEMA
+    from para_train.training.memory import model_state_bytes
 
     ds = engine_mod.deepspeed_config(cfg, env)
     built = engine_mod.build_model(cfg, env, ds)
@@ -75,8 +45,11 @@ def measure_engine(cfg, env) -> dict:
                   torch.randint(0, 1000, (b,), generator=g))
     engine.backward(loss)
     engine.step()
+    state = model_state_bytes(engine, model, ema)
+    if state is None:
+        raise RuntimeError(f"{type(engine.optimizer).__name__} is not DeepSpeed's ZeRO-3 optimizer; set deepspeed.zero_stage=3")
     result = {"rank": env.rank, "world_size": env.world_size, "precision": "bf16" if ds["bf16"]["enabled"] else "fp32",
-              **measure(engine, model, ema)}
+              **state}
     engine.destroy()
     return result
 

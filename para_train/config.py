@@ -160,6 +160,10 @@ class DataConfig:
     flip: bool = False  # random horizontal flips
     caption_dropout: float = 0.1  # empty-string captions for classifier-free guidance
     shuffle: bool = True
+    # MosaicML streaming's shuffle unit. The sample order depends on it, and by default it is the
+    # number of nodes of the run; set it (e.g. to the first run's node count) to keep the same order
+    # when a run resumes on a different number of nodes. Nodes and it must divide one another.
+    num_canonical_nodes: int | None = None
     num_workers: int = 0
     # Columns written by `para-train data precompute`: auto = use them when the shards hold them,
     # always = require them, never = ignore them. Text embeddings are for stage 1 only (frozen LLM).
@@ -191,6 +195,8 @@ class DataConfig:
         _check(self.download_retry >= 0, "data.download_retry", "must be >= 0")
         _check(self.download_timeout > 0, "data.download_timeout", "must be > 0 seconds")
         _check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+        _check(self.num_canonical_nodes is None or self.num_canonical_nodes >= 1, "data.num_canonical_nodes",
+               "must be >= 1 or null (the number of nodes)")
         _check(self.cache_limit is None or re.fullmatch(r"\d+(\.\d+)?\s*([kmgtp]b|b)?", self.cache_limit.strip().lower())
                is not None, "data.cache_limit", f"expected a size such as 500gb or 2tb, got {self.cache_limit!r}")
 

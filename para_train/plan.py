@@ -502,6 +502,24 @@ def trace_step_memory(cfg, arch: Architecture, dtype, micro_batch: int, encode_i
     return live.peak
 
 
+_TRACES: dict[str, int] = {}
+
+
+def _traced_step_memory(cfg, arch: Architecture, dtype, micro_batch: int, *flags: bool) -> int:
+    """trace_step_memory, once per process for each model, batch and set of flags (a trace of a
+    real-scale model takes tens of seconds; a fix is checked with the same traces)."""
+    import json
+
+    model = cfg.to_dict()["model"]
+    for part in ("llm", "unet"):
+        model[part].pop("gradient_checkpointing", None)  # a trace argument instead
+    key = json.dumps([model, cfg.data.resolution, arch.llm, arch.unet, arch.vae, str(dtype), micro_batch, flags],
+                     sort_keys=True, default=str)
+    if key not in _TRACES:
+        _TRACES[key] = trace_step_memory(cfg, arch, dtype, micro_batch, *flags)
+    return _TRACES[key]
+
+
 # ====================================================================== the plan
 
 
@@ -683,7 +701,7 @@ def make_plan(cfg, setup: Setup) -> StagePlan:
     configured = (m.unet.gradient_checkpointing, m.llm.gradient_checkpointing and lora_trains)
     per_sample = {}
     for ckpt in dict.fromkeys([configured, (False, False), (True, lora_trains)]):
-        per_sample[ckpt] = trace_step_memory(cfg, arch, dtype, b, encode_images, encode_text, *ckpt) // b
+        per_sample[ckpt] = _traced_step_memory(cfg, arch, dtype, b, encode_images, encode_text, *ckpt) // b
     plan = StagePlan(stage=cfg.run.stage, setup=setup, gpu=GPUS[setup.gpu], arch=arch, inv=inv, precision=precision,
                      micro_batch=b, grad_accum=t.grad_accum, offload_optimizer="offload_optimizer" in zero,
                      offload_params="offload_param" in zero, unet_checkpointing=configured[0],

@@ -82,3 +82,53 @@ def wait_for_step(stage_dir: Path, step: int, proc: subprocess.Popen, timeout: f
             raise AssertionError(f"run exited ({proc.returncode}) before step {step}")
         time.sleep(0.2)
     raise AssertionError(f"step {step} not reached in {timeout}s")
+
+
+# ---------------------------------------------------------------- the shared two-rank run
+# The multi-process runs are what the suite's time goes to, so one three-stage run on two ranks serves
+# every test that needs a real 2-rank ZeRO-3 result (sharding, NaN skip, tracking, resume, the planner's
+# memory check, the Slurm job's losses). Tests copy what they change; none writes into it.
+
+STEPS = 10
+
+
+def common_args(run_dir, cache_dir, tracking_uri: str | None):
+    """`tracking_uri` None: tracking off."""
+    tracking = [f"tracking.uri={tracking_uri}", "tracking.log_every=1"] if tracking_uri else ["tracking.enabled=false"]
+    return [f"run.dir={run_dir}", f"data.cache_dir={cache_dir}", "data.synthetic_samples=96", "train.log_every=1",
+            "sample.num_images=2", "sample.steps=3", *tracking]
+
+
+STAGE1_TRAINING = [f"train.steps={STEPS}", "checkpoint.every=3",
+                   # rank 1 produces a NaN loss at step 4: every rank must skip that update
+                   "debug.nan_loss_at_step=4", "debug.nan_loss_rank=1"]
+
+
+def stage1_args(run_dir, cache_dir, tracking_uri):
+    return common_args(run_dir, cache_dir, tracking_uri) + STAGE1_TRAINING + ["tracking.sample_every=5"]
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    from mlflow_server import MlflowServer
+
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def three_stages(tmp_path_factory, cache_dir, mlflow_server):
+    """Stages 1-3 on two ranks: stage 1 tracked in MLflow with a NaN on rank 1, stage 2 tracked, stage 3 in
+    bf16 against an unreachable server."""
+    run_dir = tmp_path_factory.mktemp("run")
+    # the server starts while stage 1 launches; the tracker waits for it without holding up training
+    outputs = {1: run_deepspeed(1, stage1_args(run_dir, cache_dir, mlflow_server.uri))}
+    mlflow_server.wait_ready()
+    outputs[2] = run_deepspeed(2, common_args(run_dir, cache_dir, mlflow_server.uri) + ["train.steps=3", "checkpoint.every=3"])
+    # stage 3 logs to a server that is not there: training must finish anyway, metrics go to the fallback file
+    dead = f"http://127.0.0.1:{free_port()}"
+    outputs[3] = run_deepspeed(3, common_args(run_dir, cache_dir, dead) + ["train.steps=2", "checkpoint.every=2",
+                                                                            "train.precision=bf16"])
+    return run_dir, outputs
+

@@ -15,15 +15,17 @@ from pathlib import Path
 
 import pytest
 
+from conftest import STAGE1_TRAINING, STEPS
 from slurm_cluster import REPO, ensure_installed, local_slurm, read_text, tail
 
 CLUSTER = REPO / "cluster"
 TEMPLATES = sorted(CLUSTER.glob("stage*_*.sh"))
 SHELL_SCRIPTS = [*TEMPLATES, CLUSTER / "launch.sh", CLUSTER / "local_slurm.sh"]
 STAGE1 = CLUSTER / "stage1_64nodes.sh"
-STEPS = 24  # ~0.8 s each: a window wide enough to signal the job mid-run
-TINY = (f"train.steps={STEPS} checkpoint.every=8 sample.num_images=0 tracking.enabled=false "
-        "data.synthetic_samples=64 model.llm.max_length=64")
+# The shared 2-rank run's stage-1 training settings (conftest), so that its losses are the reference.
+TRAINING = " ".join(["data.synthetic_samples=96", "train.log_every=1", "sample.num_images=0", "tracking.enabled=false",
+                     "data.num_canonical_nodes=1",  # the shuffle of one node, as in the local run
+                     *STAGE1_TRAINING])
 
 
 def sbatch_options(path: Path) -> dict[str, str]:
@@ -96,18 +98,27 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(slurm, cache_dir, tmp_path_factory) -> Job:
-    tmp = tmp_path_factory.mktemp("slurm-uninterrupted")
-    job = Job(slurm, tmp, job_env(tmp / "run", f"{TINY} data.cache_dir={cache_dir}"))
+def preempted(slurm, cache_dir, tmp_path_factory) -> Job:
+    """A two-node stage-1 job with the shared 2-rank run's training settings, sent USR1 (what
+    --signal=B:USR1@SECS does before the time limit) once it has trained a step, then left to finish."""
+    tmp = tmp_path_factory.mktemp("slurm-preempted")
+    job = Job(slurm, tmp, job_env(tmp / "run", f"{TRAINING} data.cache_dir={cache_dir}"))
+    metrics = job.run_dir / "stage1" / "metrics.jsonl"
+    deadline = time.monotonic() + 600
+    while not (metrics.is_file() and metrics.read_text().strip()):
+        assert time.monotonic() < deadline, f"no training step within 600 s\n{job.describe()}"
+        assert slurm.info(job.id).state in ("PENDING", "RUNNING", "CONFIGURING"), job.describe()
+        time.sleep(0.2)
+    slurm.signal_batch(job.id, "USR1")
     job.info = job.wait("COMPLETED")
     return job
 
 
-def test_two_node_job_trains_one_rank_per_node_and_checkpoints(uninterrupted):
+def test_two_node_job_trains_one_rank_per_node_and_checkpoints(preempted):
     from para_train.training.checkpoint import latest_checkpoint, read_meta
 
-    job = uninterrupted
-    assert (job.info.exit_code, job.info.restarts) == (0, 0), job.describe()
+    job = preempted
+    assert job.info.exit_code == 0, job.describe()
     batch = read_text(job.batch_log)
     assert "2 node(s) x 1 rank(s)" in batch and "launch.sh: done" in batch, job.describe()
     for node in (0, 1):
@@ -119,24 +130,17 @@ def test_two_node_job_trains_one_rank_per_node_and_checkpoints(uninterrupted):
     assert (job.run_dir / "stage1" / "final").is_dir()
 
 
-def test_usr1_checkpoints_requeues_and_resumes_with_the_same_losses(slurm, cache_dir, uninterrupted, tmp_path):
-    job = Job(slurm, tmp_path, job_env(tmp_path / "run", f"{TINY} data.cache_dir={cache_dir}"))
-    metrics = job.run_dir / "stage1" / "metrics.jsonl"
-    deadline = time.monotonic() + 600
-    while not (metrics.is_file() and metrics.read_text().strip()):
-        assert time.monotonic() < deadline, f"no training step within 600 s\n{job.describe()}"
-        assert slurm.info(job.id).state in ("PENDING", "RUNNING", "CONFIGURING"), job.describe()
-        time.sleep(0.2)
-    slurm.signal_batch(job.id, "USR1")  # what --signal=B:USR1@SECS does before the time limit
-
-    info = job.wait("COMPLETED")
-    assert (info.exit_code, info.restarts) == (0, 1), job.describe()
+def test_usr1_checkpoints_requeues_and_resumes_with_the_same_losses(preempted, three_stages):
+    job = preempted
+    assert job.info.restarts == 1, job.describe()
     batch = read_text(job.batch_log)
     assert "got USR1" in batch and "requeueing job" in batch and "attempt 2" in batch, job.describe()
     saved = re.search(r"checkpoint saved at step (\d+)", read_text(job.node_log(0)))
     assert saved and int(saved.group(1)) < STEPS, f"the signal did not stop the first attempt early\n{job.describe()}"
     assert "resumed from" in read_text(job.node_log(0)), job.describe()
-    assert losses(job.run_dir) == losses(uninterrupted.run_dir)
+    # the same losses as the uninterrupted 2-rank run of the same settings (two local ranks, no Slurm)
+    run_dir, _ = three_stages
+    assert losses(job.run_dir) == losses(run_dir), job.describe()
 
 
 def test_a_bad_config_fails_the_batch_step_before_any_node_starts(slurm, tmp_path):

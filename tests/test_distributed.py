@@ -1,51 +1,14 @@
-"""Two real ranks under the `deepspeed` launcher with ZeRO-3 on gloo: sharding, all three stages,
-a NaN on one rank, SIGKILL + resume giving the same losses as an uninterrupted run, and every run
-tracked in a real `mlflow server` (or an unreachable one)."""
+"""Two real ranks under the `deepspeed` launcher with ZeRO-3 on gloo (conftest's `three_stages` run):
+sharding, all three stages (the third in bf16), a NaN on one rank, SIGKILL + resume giving the same
+losses as an uninterrupted run, and every run tracked in a real `mlflow server` (or an unreachable one)."""
 import json
 import math
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, free_port, kill_group, read_metrics, run_deepspeed, start_deepspeed, wait_for_step
-from mlflow_server import MlflowServer
-
-STEPS = 10
-
-
-def common(run_dir, cache_dir, tracking_uri):
-    return [f"run.dir={run_dir}", f"data.cache_dir={cache_dir}", "data.synthetic_samples=96", "train.log_every=1",
-            "sample.num_images=2", "sample.steps=3", f"tracking.uri={tracking_uri}", "tracking.log_every=1"]
-
-
-def stage1_args(run_dir, cache_dir, tracking_uri):
-    # rank 1 produces a NaN loss at step 4: every rank must skip that update
-    return common(run_dir, cache_dir, tracking_uri) + [f"train.steps={STEPS}", "checkpoint.every=3",
-                                                       "debug.nan_loss_at_step=4", "debug.nan_loss_rank=1",
-                                                       "tracking.sample_every=5"]
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow")).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def three_stages(tmp_path_factory, cache_dir, mlflow_server):
-    run_dir = tmp_path_factory.mktemp("run")
-    # the server starts while stage 1 launches; the tracker waits for it without holding up training
-    outputs = {1: run_deepspeed(1, stage1_args(run_dir, cache_dir, mlflow_server.uri))}
-    mlflow_server.wait_ready()
-    outputs[2] = run_deepspeed(2, common(run_dir, cache_dir, mlflow_server.uri) + ["train.steps=3", "checkpoint.every=3"])
-    # stage 3 logs to a server that is not there: training must finish anyway, metrics go to the fallback file
-    dead = f"http://127.0.0.1:{free_port()}"
-    outputs[3] = run_deepspeed(3, common(run_dir, cache_dir, dead) + ["train.steps=2", "checkpoint.every=2"])
-    return run_dir, outputs
-
+from conftest import STEPS, REPO, kill_group, read_metrics, run_deepspeed, stage1_args, start_deepspeed, wait_for_step
 
 def test_zero3_shards_every_large_tensor_across_two_ranks(three_stages):
     import json
@@ -74,6 +37,9 @@ def test_three_stages_on_two_ranks_with_a_nan_on_one_rank(three_stages):
         unet = load_file(str(final / "unet" / "diffusion_pytorch_model.safetensors"))
         assert unet and all(torch.isfinite(t).all() for t in unet.values())
         assert (run_dir / f"stage{stage}" / "samples").is_dir()
+        ranks = [json.loads((run_dir / f"stage{stage}" / "ranks" / f"rank{r}.json").read_text()) for r in (0, 1)]
+        assert [r["precision"] for r in ranks] == ["bf16" if stage == 3 else "fp32"] * 2
+        assert all(r["model_state_bytes"]["optimizer_state"] > 0 for r in ranks)  # written after the first step
     # peft under ZeRO-3 is known to save empty adapters; ours holds the trained values
     adapter = load_file(str(run_dir / "stage2" / "final" / "lora" / "adapter_model.safetensors"))
     lora_b = [t for k, t in adapter.items() if "lora_B" in k]

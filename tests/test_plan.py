@@ -1,8 +1,7 @@
 """`para-train plan`: its FLOP counts against torch.utils.flop_counter (tiny and mid-size models), its
-model-state memory against a real 2-rank ZeRO-3 run, the real-scale stage-1 plan, and a stage that
+model-state memory against the shared real 2-rank ZeRO-3 run (conftest's `three_stages`), the real-scale stage-1 plan, and a stage that
 does not fit together with the change that makes it fit."""
 import json
-import sys
 
 import pytest
 import torch
@@ -92,28 +91,21 @@ def test_flop_counts_match_torch_flop_counter(size, one_thread):
     assert plan.vae_encode_flops(vae_cfg, 32) == got
 
 
-@pytest.fixture(scope="module")
-def zero3_two_ranks(tmp_path_factory, cache_dir):
-    """One 2-rank ZeRO-3 launch (deepspeed launcher, gloo) of the tiny model, measured in fp32 and in bf16."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    import bench_zero3_memory
-
-    ranks = bench_zero3_memory.launch(2, tmp_path_factory.mktemp("zero3-memory"), "tiny", str(cache_dir),
-                                      "fp32,bf16", [])
-    return {precision: [r[i] for r in ranks] for i, precision in enumerate(("fp32", "bf16"))}
-
-
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_planned_model_state_memory_matches_two_real_ranks(zero3_two_ranks, cache_dir, precision, one_thread):
-    measured = zero3_two_ranks[precision]
+@pytest.mark.parametrize("stage,precision", [(1, "fp32"), (3, "bf16")])
+def test_planned_model_state_memory_matches_two_real_ranks(three_stages, cache_dir, stage, precision, one_thread):
+    """Against the bytes each rank of the shared 2-rank run held after its first step (ranks/rank<r>.json):
+    stage 1 in fp32 (UNet trained, LLM frozen), stage 3 in bf16 (LoRA and UNet trained, EMA)."""
+    run_dir, _ = three_stages
+    measured = [json.loads((run_dir / f"stage{stage}" / "ranks" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world_size"] for r in measured] == [2, 2] and measured[0]["precision"] == precision
-    cfg = load_config(1, None, [f"data.cache_dir={cache_dir}", f"train.precision={precision}"])
+    cfg = load_config(stage, None, [f"data.cache_dir={cache_dir}", f"train.precision={precision}"])
     p = plan.make_plan(cfg, plan.Setup(nodes=1, gpus_per_node=2, gpu="a100-40gb"))
     estimate = p.memory.trainable_states + p.memory.frozen_states
     for rank in measured:
-        assert abs(estimate - rank["total"]) <= 0.2 * rank["total"], (precision, estimate, rank)
-    # and the planner counted the same parameters DeepSpeed sharded
-    assert p.inv.trainable == measured[0]["numel_trainable"] and p.inv.frozen == measured[0]["numel_frozen"]
+        state = rank["model_state_bytes"]
+        assert abs(estimate - state["total"]) <= 0.2 * state["total"], (stage, precision, estimate, state)
+        # and the planner counted the same parameters DeepSpeed sharded
+        assert p.inv.trainable == state["numel_trainable"] and p.inv.frozen == state["numel_frozen"]
 
 
 def test_real_scale_stage1_plan_on_64_nodes(capsys, one_thread):

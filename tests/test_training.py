@@ -96,19 +96,25 @@ def test_stages_hand_over_exactly(dist_env, tmp_path, cache_dir):
     tr.close()
 
 
-def test_resume_on_a_different_number_of_ranks(dist_env, tmp_path, cache_dir):
-    """2 ranks -> 1 rank (here) -> 2 ranks, through DeepSpeed's universal checkpoints."""
+def test_resume_on_a_different_number_of_ranks(dist_env, three_stages, tmp_path, cache_dir):
+    """2 ranks (the shared run's stage 1) -> 1 rank (here) -> 2 ranks, through DeepSpeed's universal checkpoints."""
+    import shutil
+
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-    from conftest import read_metrics, run_deepspeed
+    from conftest import STAGE1_TRAINING, STEPS, common_args, read_metrics, run_deepspeed
 
-    common = [f"run.dir={tmp_path}", f"data.cache_dir={cache_dir}", "data.synthetic_samples=64", "sample.num_images=2",
-              "sample.steps=3", "tracking.enabled=false"]
-    run_deepspeed(1, common + ["train.steps=4", "checkpoint.every=4"])
-    universal = tmp_path / "stage1" / "checkpoints" / "universal_step_00000004"
+    run_dir, _ = three_stages
+    two_rank = run_dir / "stage1" / "checkpoints" / f"step_{STEPS:08d}"
+    (tmp_path / "stage1" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(two_rank, tmp_path / "stage1" / "checkpoints" / two_rank.name)
+    shutil.copy(run_dir / "stage1" / "metrics.jsonl", tmp_path / "stage1" / "metrics.jsonl")
+    args = common_args(tmp_path, cache_dir, None) + STAGE1_TRAINING
+    more = STEPS + 2
 
-    tr = make_trainer(dist_env, 1, tmp_path, cache_dir, "train.steps=6")
-    assert tr.step == 4 and (universal / "zero").is_dir()
+    tr = make_trainer(dist_env, 1, tmp_path, cache_dir, *args, f"train.steps={more}")
+    universal = tmp_path / "stage1" / "checkpoints" / f"universal_{two_rank.name}"
+    assert tr.step == STEPS and (universal / "zero").is_dir()
     names = [n for n, p in tr.model.named_parameters() if p.requires_grad]
     assert len(names) > 20
     for name, p in tr.model.named_parameters():
@@ -123,11 +129,11 @@ def test_resume_on_a_different_number_of_ranks(dist_env, tmp_path, cache_dir):
     tr.train()  # training continues on one rank
     after_one_rank = gathered(tr, lambda n, p: n.startswith("unet."))
     tr.close()
-    assert [r["step"] for r in read_metrics(tmp_path / "stage1")] == list(range(1, 7))
+    assert [r["step"] for r in read_metrics(tmp_path / "stage1")] == list(range(1, more + 1))
 
     # back to two ranks: the weights loaded there equal the one-rank weights exactly
-    out = run_deepspeed(1, common + ["train.steps=6", "checkpoint.resume=" + str(tmp_path / "stage1" / "checkpoints" /
-                                                                                 "step_00000006")])
+    out = run_deepspeed(1, args + [f"train.steps={more}", "checkpoint.resume=" + str(tmp_path / "stage1" / "checkpoints" /
+                                                                                     f"step_{more:08d}")])
     assert "resumed on 2 ranks from a checkpoint of 1 ranks" in out.stdout + out.stderr
     final = load_file(str(tmp_path / "stage1" / "final" / "unet" / "diffusion_pytorch_model.safetensors"))
     for k, v in final.items():

@@ -250,12 +250,14 @@ def shard_columns(dataset: StreamingDataset) -> list[set[str]]:
 def build_loader(*, streams: list[Stream], tokenizer, max_length: int, resolution: int, batch_size: int,
                  shuffle: bool, seed: int, num_workers: int, crop: str = "center", flip: bool = False,
                  use_latents: str = "never", use_text_embeds: str = "never", llm_trains: bool = False,
-                 epoch_size: int | None = None, cache_limit: str | None = None) -> StreamingDataLoader:
+                 epoch_size: int | None = None, cache_limit: str | None = None,
+                 num_canonical_nodes: int | None = None) -> StreamingDataLoader:
     try:
         dataset = ParagraphImageDataset(
             tokenizer=tokenizer, max_length=max_length, resolution=resolution, crop=crop, flip=flip, augment_seed=seed,
             use_latents=use_latents, use_text_embeds=use_text_embeds, llm_trains=llm_trains, streams=streams,
-            shuffle=shuffle, shuffle_seed=seed, batch_size=batch_size, epoch_size=epoch_size, cache_limit=cache_limit)
+            shuffle=shuffle, shuffle_seed=seed, batch_size=batch_size, epoch_size=epoch_size, cache_limit=cache_limit,
+            num_canonical_nodes=num_canonical_nodes)
     except ValueError as e:
         if cache_limit and "cache" in str(e).lower() and not isinstance(e, ConfigError):
             raise ConfigError(f"data.cache_limit={cache_limit}: {e}") from None

@@ -76,7 +76,7 @@ def build_train_loader(cfg: Config, tokenizer):
                         seed=cfg.run.seed, num_workers=d.num_workers, crop=d.crop, flip=d.flip,
                         use_latents=d.use_latents, use_text_embeds=d.use_text_embeds,
                         llm_trains=cfg.model.lora.enabled, epoch_size=d.epoch_size,
-                        cache_limit=cache_limit(cfg))
+                        cache_limit=cache_limit(cfg), num_canonical_nodes=d.num_canonical_nodes)
 
 
 def open_shards(path: str, cache_dir: Path, validate_hash: str | None = "xxh64"):

@@ -106,6 +106,12 @@ def build_model(cfg: Config, dist_env: DistEnv, ds_config: dict) -> Built:
             weights.copy_into(unet, reader, dist_env.rank)
     if m.lora.enabled:
         llm = build.add_lora(llm, m.lora)
+        if zero3 and ds_config["bf16"]["enabled"]:
+            # peft makes its adapters in fp32, outside zero.Init; DeepSpeed casts no zero.Init model, and
+            # its ZeRO-3 optimizer needs one dtype per parameter group.
+            for name, p in llm.named_parameters():
+                if "lora_" in name:
+                    p.data = p.data.to(torch.bfloat16)
     if m.llm.gradient_checkpointing:
         llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if m.unet.gradient_checkpointing:

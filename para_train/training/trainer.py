@@ -21,6 +21,7 @@ from para_train.tracking import code_params, create_tracker
 from para_train.training import checkpoint, engine as engine_mod, weights
 from para_train.training.distributed import DistEnv, all_reduce_sum, barrier
 from para_train.training.ema import ShardedEMA
+from para_train.training.memory import model_state_bytes
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ class Trainer:
         barrier()
 
         ds_config = engine_mod.deepspeed_config(cfg, dist_env)
+        self.precision = "bf16" if ds_config["bf16"]["enabled"] else "fp32"
         resume_path, resume_meta = self._find_resume()
         universal = None
         if resume_meta is not None and resume_meta["world_size"] != dist_env.world_size:
@@ -91,17 +93,22 @@ class Trainer:
                                      "num_nodes": dist_env.num_nodes, **{f"params.{k}": v for k, v in self.num_params.items()}})
 
     # ------------------------------------------------------------------ set-up
-    def _write_shard_report(self) -> None:
-        """What this rank holds of each parameter under ZeRO-3: ranks/rank<r>.json in the stage dir."""
+    def _write_shard_report(self, model_state: dict | None = None) -> None:
+        """What this rank holds under ZeRO-3: ranks/rank<r>.json in the stage dir, with each parameter's
+        shard and, once a step has run, the bytes of parameters, gradients, optimizer state and EMA."""
         tensors = {n: [int(p.ds_tensor.numel()) if hasattr(p, "ds_tensor") else p.numel(),
                        int(getattr(p, "ds_numel", p.numel()))] for n, p in self.model.named_parameters()}
-        report = {"rank": self.rank, "world_size": self.env.world_size,
+        report = {"rank": self.rank, "world_size": self.env.world_size, "precision": self.precision,
                   "local_numel": sum(v[0] for v in tensors.values()), "total_numel": sum(v[1] for v in tensors.values()),
-                  "tensors": tensors}
+                  "model_state_bytes": model_state, "tensors": tensors}
         out = self.stage_dir / "ranks"
         out.mkdir(parents=True, exist_ok=True)
         (out / f"rank{self.rank}.json").write_text(json.dumps(report))
-        if self.rank == 0:
+        if model_state is not None:
+            if self.rank == 0:
+                log.info("model state on this rank after one step: %.1f MiB (ranks/rank<r>.json)",
+                         model_state["total"] / 2 ** 20)
+        elif self.rank == 0:
             log.info("ZeRO-%d: this rank holds %.2fM of %.2fM parameter elements", self.cfg.deepspeed.zero_stage,
                      report["local_numel"] / 1e6, report["total_numel"] / 1e6)
 
@@ -179,6 +186,8 @@ class Trainer:
                      cfg.train.grad_accum, self.num_params["trainable"] / 1e6, self.num_params["total"] / 1e6)
         while self.step < cfg.train.steps:
             metrics, stop = self._train_step(batches)
+            if self.step == start_step:  # Adam's state exists from the first step on
+                self._write_shard_report(model_state_bytes(self.engine, self.model, self.ema))
             self.step += 1
             self.images_seen += cfg.train.micro_batch_size * cfg.train.grad_accum * self.env.world_size
             samples_since += cfg.train.micro_batch_size * cfg.train.grad_accum * self.env.world_size
@@ -371,7 +380,8 @@ class Trainer:
                                  max_length=cfg.model.llm.max_length,
                                  latent_shape=(unet.config.in_channels, lat, lat), seed=s.seed, steps=s.steps,
                                  guidance_scale=s.guidance_scale, prediction_type=cfg.model.prediction_type,
-                                 num_train_timesteps=cfg.model.num_train_timesteps, device=self.device)
+                                 num_train_timesteps=cfg.model.num_train_timesteps, device=self.device,
+                                 dtype=unet.dtype)  # bf16 when DeepSpeed trains in bf16
         self.model.train()
         if self.rank != 0:
             return None
