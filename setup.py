@@ -10,9 +10,14 @@ setup(
     # with the PyPI distribution of that name that transformers and diffusers probe for.
     packages=find_packages(include=["para_train", "para_train.*"]) + ["para_train.kernels"],
     package_dir={"para_train.kernels": "kernels"},
+    # Honest ranges, so that para-train installs into a user's environment: lower bounds for what the code
+    # uses, upper bounds only where something is known to break. The tested stack is pinned separately in
+    # constraints.txt (`bash install.sh` installs from it; `bash install.sh --refresh-lock` re-resolves it).
     install_requires=[
         "torch>=2.4",
         "deepspeed>=0.16",
+        # <5: mosaicml-streaming 0.13 (its latest release) requires transformers<5 (and numpy<2.2); that
+        # holds huggingface-hub below 1.0 and so diffusers at 0.39. Lift it when streaming does.
         "transformers>=4.45,<5",
         "peft>=0.13",
         "diffusers>=0.31",

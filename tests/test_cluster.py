@@ -20,7 +20,7 @@ from slurm_cluster import REPO, ensure_installed, local_slurm, read_text, tail
 
 CLUSTER = REPO / "cluster"
 TEMPLATES = sorted(CLUSTER.glob("stage*_*.sh"))
-SHELL_SCRIPTS = [*TEMPLATES, CLUSTER / "launch.sh", CLUSTER / "local_slurm.sh"]
+SHELL_SCRIPTS = [*TEMPLATES, CLUSTER / "launch.sh", CLUSTER / "local_slurm.sh", REPO / "install.sh", REPO / ".ci" / "run"]
 STAGE1 = CLUSTER / "stage1_64nodes.sh"
 # The shared 2-rank run's stage-1 training settings (conftest), so that its losses are the reference.
 TRAINING = " ".join(["data.synthetic_samples=96", "train.log_every=1", "sample.num_images=0", "tracking.enabled=false",
