@@ -94,6 +94,7 @@ def wait_for_step(stage_dir: Path, step: int, proc: subprocess.Popen, timeout: f
 # memory check, the Slurm job's losses). Tests copy what they change; none writes into it.
 
 STEPS = 10
+STAGE2_STEPS = 3
 
 
 def common_args(run_dir, cache_dir, tracking_uri: str | None):
@@ -123,18 +124,20 @@ def mlflow_server(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def three_stages(tmp_path_factory, cache_dir, mlflow_server):
-    """Stages 1-3 on two ranks: stage 1 tracked in MLflow with a NaN on rank 1, stage 2 tracked, stage 3 in
-    bf16 against an unreachable server."""
+    """Stages 1-3 on two ranks: stage 1 tracked in MLflow with a NaN on rank 1, stage 2 tracked (with a
+    projection), stage 3 in bf16 against an unreachable server."""
     run_dir = tmp_path_factory.mktemp("run")
     # the server starts while stage 1 launches; the tracker waits for it without holding up training
     # stage 1 through the real `deepspeed` CLI (the README's command); the tests that compare losses with it
     # (SIGKILL + resume, Slurm) launch their ranks otherwise, so equal losses also show the launchers agree
     outputs = {1: run_deepspeed(1, stage1_args(run_dir, cache_dir, mlflow_server.uri), cli=True)}
     mlflow_server.wait_ready()
-    outputs[2] = run_deepspeed(2, common_args(run_dir, cache_dir, mlflow_server.uri) + ["train.steps=3", "checkpoint.every=3"])
+    # stage 2 with a trained projection (LLM width -> cross-attention width): tests/test_export.py exports it
+    outputs[2] = run_deepspeed(2, common_args(run_dir, cache_dir, mlflow_server.uri) + [
+        f"train.steps={STAGE2_STEPS}", f"checkpoint.every={STAGE2_STEPS}", "model.projection=true"])
     # stage 3 logs to a server that is not there: training must finish anyway, metrics go to the fallback file
     dead = f"http://127.0.0.1:{free_port()}"
     outputs[3] = run_deepspeed(3, common_args(run_dir, cache_dir, dead) + ["train.steps=2", "checkpoint.every=2",
-                                                                            "train.precision=bf16"])
+                                                                            "train.precision=bf16", "model.projection=true"])
     return run_dir, outputs
 

@@ -1,6 +1,6 @@
-"""Export: one 2-rank ZeRO-3 stage-2 run (LoRA, projection, EMA), exported from its checkpoint and from its
-final/ folder, loads in a fresh process with plain diffusers/transformers/peft calls and with
-ParaDiffusionPipeline, and reproduces the trainer's own sample images: bit for bit with the arithmetic of the
+"""Export: the shared 2-rank ZeRO-3 run's stage 2 (LoRA, projection, EMA; conftest's `three_stages`), exported from
+its checkpoint and from its final/ folder, loads in a fresh process with plain diffusers/transformers/peft calls and
+with ParaDiffusionPipeline, and reproduces the trainer's own sample images: bit for bit with the arithmetic of the
 trainer's forward (DeepSpeed's ZeRO-3 F.linear), within a rounding step with PyTorch's."""
 import json
 import shutil
@@ -13,19 +13,13 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import rank_env, run_deepspeed
-
-STEPS = 2
+from conftest import STAGE2_STEPS as STEPS
+from conftest import rank_env
 
 
 @pytest.fixture(scope="module")
-def stage_dir(tmp_path_factory, cache_dir):
-    run_dir = tmp_path_factory.mktemp("export-run")
-    run_deepspeed(2, [f"run.dir={run_dir}", f"data.cache_dir={cache_dir}", "data.synthetic_samples=16",
-                      "train.micro_batch_size=2", f"train.steps={STEPS}", f"checkpoint.every={STEPS}",
-                      "checkpoint.init_from=none", "model.projection=true", "model.llm.max_length=96",
-                      "train.lr=0.001", "train.warmup_steps=1", "train.ema_decay=0.5",  # weights, EMA visibly moved
-                      "sample.num_images=2", "sample.steps=3", "tracking.enabled=false"])
+def stage_dir(three_stages):
+    run_dir, _ = three_stages
     return run_dir / "stage2"
 
 

@@ -91,14 +91,15 @@ def test_flop_counts_match_torch_flop_counter(size, one_thread):
     assert plan.vae_encode_flops(vae_cfg, 32) == got
 
 
-@pytest.mark.parametrize("stage,precision", [(1, "fp32"), (3, "bf16")])
-def test_planned_model_state_memory_matches_two_real_ranks(three_stages, cache_dir, stage, precision, one_thread):
+@pytest.mark.parametrize("stage,precision,overrides", [(1, "fp32", []), (3, "bf16", ["model.projection=true"])])
+def test_planned_model_state_memory_matches_two_real_ranks(three_stages, cache_dir, stage, precision, overrides,
+                                                           one_thread):
     """Against the bytes each rank of the shared 2-rank run held after its first step (ranks/rank<r>.json):
-    stage 1 in fp32 (UNet trained, LLM frozen), stage 3 in bf16 (LoRA and UNet trained, EMA)."""
+    stage 1 in fp32 (UNet trained, LLM frozen), stage 3 in bf16 (LoRA, projection and UNet trained, EMA)."""
     run_dir, _ = three_stages
     measured = [json.loads((run_dir / f"stage{stage}" / "ranks" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world_size"] for r in measured] == [2, 2] and measured[0]["precision"] == precision
-    cfg = load_config(stage, None, [f"data.cache_dir={cache_dir}", f"train.precision={precision}"])
+    cfg = load_config(stage, None, [f"data.cache_dir={cache_dir}", f"train.precision={precision}", *overrides])
     p = plan.make_plan(cfg, plan.Setup(nodes=1, gpus_per_node=2, gpu="a100-40gb"))
     estimate = p.memory.trainable_states + p.memory.frozen_states
     for rank in measured:

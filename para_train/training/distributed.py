@@ -65,6 +65,15 @@ def init_process_group(dist_env: DistEnv) -> None:
 
     if dist_env.use_cuda:
         torch.cuda.set_device(dist_env.local_rank)
+    else:
+        # On the CPU, DeepSpeed's backend JIT-builds a C++ shared-memory op (deepspeed_shm_comm) the first time
+        # it starts in an environment: a compiler run of 30-80 s on 2 cores, repeated for every new venv, for an
+        # op only its tensor-parallel *inference* all-reduce uses. Training's collectives go through gloo either
+        # way, so mark the op unavailable (DeepSpeed keeps this probe's dict and honours edits to it): nothing
+        # compiles at start-up, and a killed run leaves none of the op's segments in /dev/shm.
+        from deepspeed import ops
+
+        ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend="nccl" if dist_env.use_cuda else "gloo")
 
 
