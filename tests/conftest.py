@@ -43,7 +43,7 @@ def free_port() -> int:
 
 def deepspeed_cmd(stage: int, overrides: list[str], num_procs: int = 2, cli: bool = False) -> list[str]:
     """The ranks of main.py: through the real `deepspeed` CLI with `cli`, else through tests/launch_ranks.py,
-    which starts the same ranks with the same environment ~10 s sooner (it imports neither torch nor DeepSpeed)."""
+    which starts the same ranks with the same environment ~15 s sooner here (it imports neither torch nor DeepSpeed)."""
     if cli:
         launcher = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", str(num_procs)]
     else:
@@ -91,7 +91,8 @@ def wait_for_step(stage_dir: Path, step: int, proc: subprocess.Popen, timeout: f
 # ---------------------------------------------------------------- the shared two-rank run
 # The multi-process runs are what the suite's time goes to, so one three-stage run on two ranks serves
 # every test that needs a real 2-rank ZeRO-3 result (sharding, NaN skip, tracking, resume, the planner's
-# memory check, the Slurm job's losses). Tests copy what they change; none writes into it.
+# memory check, the export of a 2-rank stage, the Slurm job's losses). Tests copy what they change; none writes
+# into it.
 
 STEPS = 10
 STAGE2_STEPS = 3
