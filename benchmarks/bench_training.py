@@ -278,9 +278,12 @@ def main() -> None:
     parser.add_argument("--loader-batches", type=int, default=20)
     parser.add_argument("--only", default="stage1,stage2,loader")
     parser.add_argument("--cache-dir", default="~/.cache/para-train")
+    parser.add_argument("--micro-batch", type=int, default=common.MICRO_BATCH,
+                        help=f"samples per step (default {common.MICRO_BATCH}; raise it to keep a GPU busy)")
     parser.add_argument("--breakdown", action="store_true",
                         help="also time the stage-1 step with ZeRO-2 / ZeRO-0 and at a 4x micro batch")
     args = parser.parse_args()
+    common.MICRO_BATCH = args.micro_batch
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", common.extensions_dir())
     import logging
     import warnings

@@ -19,24 +19,47 @@
 #      and exits 75 ("saved, please requeue");
 #   4. requeues the job when every node exited 75, at most PARA_TRAIN_MAX_REQUEUES
 #      times; the requeued job resumes from the latest complete checkpoint in the run
-#      directory. Any other failure fails the job.
+#      directory;
+#   5. requeues the job, under the same cap, when a node failed (a rank killed, a lost
+#      GPU, a hung collective cut short by srun): the requeued job resumes from the last
+#      complete checkpoint. When an attempt fails again without a newer complete
+#      checkpoint than the previous failed attempt had, it is a crash loop, not bad luck:
+#      the job fails with a message instead. A config or data error (exit code 2) is
+#      never retried.
 #
 # Change a run without editing files, with sbatch's own options (--nodes,
 # --gpus-per-node, --time, --partition, --output, ...) and these variables:
 #   PARA_TRAIN_CONFIG          stage YAML (default: the template's); set it to the empty
 #                              string for the trainer's embedded tiny model
 #   PARA_TRAIN_RUN_DIR         run directory, passed as run.dir= (default: the config's
-#                              run.dir); all stages of a training share it; per-node logs
-#                              go to RUN_DIR/logs/stageN-nodeK.log
+#                              run.dir); all stages of a training share it; node and rank
+#                              logs go to RUN_DIR/logs/ (see Logs below)
 #   PARA_TRAIN_OVERRIDES       extra key=value words, e.g. "train.steps=1000 train.lr=1e-4"
 #   PARA_TRAIN_CPU=1           CPU only: no GPUs, DeepSpeed's CPU accelerator (gloo)
 #   PARA_TRAIN_PROCS_PER_NODE  ranks per node (default: the node's GPUs; 1 with PARA_TRAIN_CPU=1)
 #   PARA_TRAIN_PYTHON          python to run (default: python on PATH; sbatch passes on the
 #                              submitting shell's environment, so an active venv works)
 #   PARA_TRAIN_MASTER_PORT     rendezvous port (default: 10000-29999, from the job id)
-#   PARA_TRAIN_MAX_REQUEUES    requeues after a preemption checkpoint before the job fails
-#                              instead (default 20)
+#   PARA_TRAIN_MAX_REQUEUES    requeues (preemptions and node failures together) before the job
+#                              fails instead (default 20)
+#   PARA_TRAIN_SRUN_ARGS       extra srun options for the job step, e.g. a container:
+#                              "--container-image=/shared/para-train.sqsh --container-mounts=/shared"
+#   PARA_TRAIN_SRUN_WAIT       seconds srun lets the other nodes run on after one node's task
+#                              ended (default 120): it bounds how long survivors of a crashed
+#                              node hang; a normal stage end is not cut short by it (every rank
+#                              waits for rank 0's export before any exits)
+#   PARA_TRAIN_NODE_CACHE      node-local folder for compile caches (default ${TMPDIR:-/tmp}/
+#                              para-train-$USER): TRITON_CACHE_DIR, TORCH_EXTENSIONS_DIR and
+#                              TORCHINDUCTOR_CACHE_DIR default to folders in it, so ranks never
+#                              share a lock in a network $HOME
+#   Fabric: NCCL_SOCKET_IFNAME, NCCL_IB_HCA, NCCL_IB_GID_INDEX, NCCL_NET, FI_PROVIDER, FI_EFA_*,
+#   UCX_*, ... reach every rank unchanged (srun passes the submitting environment on): set them
+#   in the submitting shell or the template. GLOO_SOCKET_IFNAME (the CPU group that waits for
+#   rank 0's long tasks) defaults to NCCL_SOCKET_IFNAME.
 #   NCCL_*, TORCH_NCCL_*, OMP_NUM_THREADS  set below only when unset
+#
+# Logs: the batch log (sbatch --output), one log per node (RUN_DIR/logs/stageN-nodeK.log, every
+# rank of the node, all attempts) and one per rank (RUN_DIR/logs/stageN-rankR.log).
 set -euo pipefail
 
 readonly REQUEUE_EXIT=75 # the trainer's "checkpoint saved, please requeue" (EX_TEMPFAIL)
@@ -91,7 +114,14 @@ procs_per_node() {
 
 set_environment() {
     local nproc=$1 cpus=${SLURM_CPUS_ON_NODE:-1}
-    export PYTHONUNBUFFERED=1
+    local node_cache=${PARA_TRAIN_NODE_CACHE:-${TMPDIR:-/tmp}/para-train-${USER:-$(id -u)}}
+    export PYTHONUNBUFFERED=1 PARA_TRAIN_NODE_CACHE=$node_cache
+    export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$node_cache/triton}
+    export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$node_cache/torch_extensions}
+    export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$node_cache/inductor}
+    if [[ -n ${NCCL_SOCKET_IFNAME:-} ]]; then
+        export GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-$NCCL_SOCKET_IFNAME}
+    fi
     if [[ ${PARA_TRAIN_CPU:-0} == 1 ]]; then
         export DS_ACCELERATOR=cpu CUDA_VISIBLE_DEVICES=""
         export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
@@ -159,40 +189,80 @@ batch_main() {
 
     rm -f "$log_dir/stage$stage-node"*.exit
     trap 'trapped=1; say "got USR1: asking the ranks to save and stop"; kill -USR1 "$step" 2>/dev/null || true' USR1
+    local -a srun_extra
+    read -r -a srun_extra <<<"${PARA_TRAIN_SRUN_ARGS:-}"
     # --kill-on-bad-exit=0: a node that exits 75 first must not kill the others while they
     # finish; --wait bounds how long survivors of a crashed node may hang afterwards.
     srun --nodes="$nnodes" --ntasks="$nnodes" --ntasks-per-node=1 --whole \
-        --kill-on-bad-exit=0 --wait=120 \
-        bash "$SELF" node "$log_dir/stage$stage-node" "$nnodes" "$nproc" "$addr" "$port" \
+        --kill-on-bad-exit=0 --wait="${PARA_TRAIN_SRUN_WAIT:-120}" "${srun_extra[@]}" \
+        bash "$SELF" node "$log_dir/stage$stage" "$nnodes" "$nproc" "$addr" "$port" \
         -- "$python" "${args[@]}" &
     local step=$!
     local rc=0
     run_and_wait "$step" || rc=$?
     trap - USR1
 
+    local failures=$log_dir/stage$stage-job$job.failures # the checkpoint each failed attempt left
     if ((rc == 0)); then
+        rm -f "$failures"
         say "done"
         return 0
     fi
-    if ((rc != REQUEUE_EXIT)); then
-        say "failed with exit code $rc; see $log_dir/stage$stage-node*.log" >&2
+    if ((rc == REQUEUE_EXIT)) && all_nodes_exited "$log_dir/stage$stage-node" "$nnodes" "$REQUEUE_EXIT"; then
+        requeue "$job" "$restart" "$max_requeues" "checkpoint saved" || return "$REQUEUE_EXIT"
+        return 0
+    fi
+    # A node failed. Retry from the last complete checkpoint, unless nothing was gained since the last failure.
+    ((rc != REQUEUE_EXIT)) || rc=1 # some nodes saved, not all: a failure, not a preemption
+    say "failed with exit code $rc; see $log_dir/stage$stage-node*.log" >&2
+    if any_node_exited "$log_dir/stage$stage-node" "$nnodes" 2; then
+        say "a config or data error (exit code 2) does not heal with a retry: not requeueing" >&2
+        return 2
+    fi
+    local ckpt previous
+    ckpt=$(newest_checkpoint "$run_dir/stage$stage/checkpoints")
+    previous=$(tail -n1 "$failures" 2>/dev/null || true)
+    if [[ $previous == "$ckpt" ]]; then
+        say "crash loop: this attempt failed from the same checkpoint ($ckpt) as the previous failed attempt, so a retry would fail again; not requeueing. Find the cause in the logs above, fix it and resubmit: the run resumes from $ckpt" >&2
         return "$rc"
     fi
-    if ! all_nodes_exited "$log_dir/stage$stage-node" "$nnodes" "$REQUEUE_EXIT"; then
-        say "failed: not every node saved and exited $REQUEUE_EXIT, so no requeue; see $log_dir/stage$stage-node*.log" >&2
+    echo "$ckpt" >>"$failures"
+    requeue "$job" "$restart" "$max_requeues" "node failure; the last complete checkpoint is $ckpt" || return "$rc"
+    return 0
+}
+
+# requeue JOB RESTART MAX WHY: requeue the job unless it was requeued MAX times already (then fail).
+requeue() {
+    local job=$1 restart=$2 max=$3 why=$4
+    if ((restart >= max)); then
+        say "$why, but the job was requeued $restart times already (PARA_TRAIN_MAX_REQUEUES=$max): not requeueing; resubmit to go on" >&2
         return 1
     fi
-    if ((restart >= max_requeues)); then
-        say "checkpoint saved, but the job was requeued $restart times already (PARA_TRAIN_MAX_REQUEUES=$max_requeues): not requeueing; resubmit to go on" >&2
-        return "$REQUEUE_EXIT"
-    fi
-    say "checkpoint saved; requeueing job $job (requeue $((restart + 1)) of at most $max_requeues)"
+    say "$why; requeueing job $job (requeue $((restart + 1)) of at most $max)"
     # Slurm ends this script while it requeues the job: nothing may follow.
     scontrol requeue "$job" || {
         say "scontrol requeue $job failed; resubmit to resume from the checkpoint" >&2
-        return "$REQUEUE_EXIT"
+        return 1
     }
-    return 0
+}
+
+# newest_checkpoint DIR: the name of the newest checkpoint in DIR with a COMPLETE marker, or "none".
+newest_checkpoint() {
+    local markers=("$1"/step_*/COMPLETE)
+    if [[ -e ${markers[0]} ]]; then
+        basename "$(dirname "${markers[-1]}")"
+    else
+        echo none
+    fi
+}
+
+# any_node_exited PREFIX NNODES CODE: some node wrote CODE to PREFIX<node>.exit.
+any_node_exited() {
+    local node
+    for ((node = 0; node < $2; node++)); do
+        [[ $(cat "$1$node.exit" 2>/dev/null) != "$3" ]] || return 0
+    done
+    return 1
 }
 
 # all_nodes_exited PREFIX NNODES CODE: every node wrote CODE to PREFIX<node>.exit.
@@ -216,8 +286,14 @@ node_main() {
     shift
     local python=$1 node=${SLURM_NODEID:?}
     shift
-    exec >>"$prefix$node.log" 2>&1
+    exec >>"$prefix-node$node.log" 2>&1
     say "=== $(date '+%F %T') job $SLURM_JOB_ID attempt $((${SLURM_RESTART_COUNT:-0} + 1)) node $node ($(hostname)) ==="
+    export PARA_TRAIN_RANK_LOG=$prefix-rank # each rank tees its output to <this><RANK>.log
+    # A build killed mid-way (a preempted job) leaves its lock behind and every later build waits on it forever;
+    # no build of this job has started yet, so a lock older than an hour is stale.
+    if [[ -d $TORCH_EXTENSIONS_DIR ]]; then
+        find "$TORCH_EXTENSIONS_DIR" -name lock -mmin +60 -print -delete 2>/dev/null | sed 's/^/launch.sh: removed stale build lock /' || true
+    fi
     # Slurm sends a step's signals to all its processes; the ranks get USR1 that way. Also
     # pass it on from here, for clusters whose proctrack plugin signals only this task's
     # process group (torchrun starts each rank in a session of its own).
@@ -228,7 +304,7 @@ node_main() {
     trap 'trapped=1; forward_to_ranks "$agent" USR1' USR1
     local rc=0
     run_and_wait "$agent" || rc=$?
-    echo "$rc" >"$prefix$node.exit"
+    echo "$rc" >"$prefix-node$node.exit"
     say "=== $(date '+%F %T') node $node exit code $rc ==="
     return "$rc"
 }

@@ -36,6 +36,10 @@ class RunConfig:
     dir: str = "runs/default"  # every stage of one training writes under this folder
     seed: int = 0
     stage: int = 1  # set by --stage
+    # Bitwise-reproducible GPU runs (a resumed run's losses equal an uninterrupted one's there too), at some
+    # speed: torch's deterministic algorithms, cuBLAS's fixed workspace, no cuDNN autotuning. The CPU is
+    # deterministic either way.
+    deterministic: bool = False
 
     def __post_init__(self):
         _check(self.stage in (1, 2, 3), "run.stage", f"must be 1, 2 or 3, got {self.stage}; use --stage 1|2|3")
@@ -91,8 +95,16 @@ TINY_UNET = {
 @dataclass
 class UNetConfig:
     path: str | None = None  # a pretrained UNet2DConditionModel folder (e.g. SDXL's unet/); None = from `config`
-    config: dict = field(default_factory=lambda: dict(TINY_UNET))  # UNet2DConditionModel kwargs
+    # UNet2DConditionModel kwargs. Without a path: the whole architecture (default: the tiny embedded UNet).
+    # With a path: keys that override the folder's config.json, e.g. to start from SDXL's unet/ with a
+    # Llama-2-wide text input: {cross_attention_dim: 4096, addition_embed_type: null}. Tensors whose shape
+    # still matches are copied from the folder; the others start fresh (the log and MLflow list which).
+    config: dict | None = None
     gradient_checkpointing: bool = False
+
+    def __post_init__(self):
+        if self.config is None:
+            self.config = {} if self.path is not None else dict(TINY_UNET)
 
 
 @dataclass
@@ -170,6 +182,9 @@ class DataConfig:
     use_latents: str = "auto"
     use_text_embeds: str = "auto"
     max_skip_rate: float = 0.01  # stop when more than this fraction of samples are bad (undecodable, empty)
+    # At start-up, remove MosaicML streaming's shared memory that a killed run left on the node (all of
+    # streaming's segments on it: turn this off on nodes shared with other jobs that use streaming)
+    clean_shared_memory: bool = True
 
     def __post_init__(self):
         _check(0.0 <= self.max_skip_rate <= 1.0, "data.max_skip_rate", f"must be in [0, 1], got {self.max_skip_rate}")
@@ -245,11 +260,18 @@ class CheckpointConfig:
     keep: int = 2  # complete checkpoints kept (>= 2 so a crash while writing leaves one)
     resume: str = "auto"  # auto (latest complete one in the stage dir, if any) | never | a checkpoint folder
     # Where this stage's weights come from: "auto" = the previous stage's final weights in run.dir
-    # (stage 1: none), or a folder holding final weights, or "none".
+    # (stage 1: none), or a folder: a stage's final/, a `para-train export` folder, or a diffusers folder in
+    # ParaDiffusion's released layout (unet/ + text_encoder_lora/); or "none".
     init_from: str = "auto"
+    # Which of the previous stage's weights: "ema" (default) or "raw". The EMA is the smoothed model a
+    # practitioner evaluates and releases, and the usual starting point of a fine-tune (SD, PixArt); sources
+    # with one set of weights only (exports, released models, ema_decay=0) give theirs either way.
+    init_weights: str = "ema"
 
     def __post_init__(self):
         _check(self.every >= 1, "checkpoint.every", "must be >= 1")
+        _check(self.init_weights in ("ema", "raw"), "checkpoint.init_weights",
+               f"must be ema or raw, got {self.init_weights!r}")
         _check(self.keep >= 2, "checkpoint.keep", f"must be >= 2 so a crash mid-write leaves a complete one, got {self.keep}")
 
 
@@ -295,6 +317,11 @@ class DebugConfig:
     nan_loss_at_step: int = -1  # make the loss NaN on one rank at this step (once)
     nan_loss_rank: int = 0
     kill_in_checkpoint_at_step: int = -1  # SIGKILL every rank while writing this step's checkpoint
+    # SIGKILL rank `crash_rank` right after this step, as a lost node would end it; once per stage dir (a marker
+    # file there lets the requeued attempt pass the step)
+    crash_at_step: int = -1
+    crash_rank: int = 0
+    slow_finish_s: float = 0.0  # rank 0 spends this long more on the stage's export (a long upload, say)
 
 
 @dataclass
@@ -470,22 +497,6 @@ def load_config(stage: int, config_file: str | None = None, overrides: list[str]
         _set_dotted(tree, key, value)
     _set_dotted(tree, "run.stage", stage)
     return _build(Config, tree)
-
-
-def resolve_init_from(cfg: Config) -> Path | None:
-    """The folder of final weights this stage starts from (validated before any process starts)."""
-    value = cfg.checkpoint.init_from
-    if value == "none" or (value == "auto" and cfg.run.stage == 1):
-        return None
-    folder = (Path(cfg.run.dir).expanduser() / f"stage{cfg.run.stage - 1}" / "final") if value == "auto" else Path(value)
-    if not (folder / "final.json").is_file():
-        prev = cfg.run.stage - 1
-        raise ConfigError(
-            f"checkpoint.init_from: no complete final weights at {folder}. "
-            + (f"Run stage {prev} first (deepspeed para_train/main.py --stage {prev} run.dir={cfg.run.dir}), "
-               if value == "auto" else "")
-            + "or set checkpoint.init_from=<folder with final.json> (or none to start fresh)")
-    return folder
 
 
 def save_config(cfg: Config, path: Path) -> None:

@@ -33,8 +33,33 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def tee_output(path: str) -> None:
+    """Copy everything this process writes to stdout and stderr into `path` as well (appending: a requeued
+    attempt continues the file). `tee` ignores the signals Slurm sends the whole job step (USR1 before the
+    time limit, TERM on scancel): it ends when this process does and its pipe closes."""
+    import signal
+    import subprocess
+
+    def ignore_step_signals():
+        for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    tee = subprocess.Popen(["tee", "-a", path], stdin=subprocess.PIPE, stdout=sys.__stdout__.fileno(),
+                           preexec_fn=ignore_step_signals)
+    os.dup2(tee.stdin.fileno(), 1)
+    os.dup2(tee.stdin.fileno(), 2)
+    tee.stdin.close()
+    _children.append(tee)
+
+
+_children: list = []  # kept referenced for the life of the process
+
+
 def main(argv=None) -> int:
-    from para_train.config import ConfigError, load_config, resolve_init_from
+    from para_train.config import ConfigError, load_config
+    from para_train.models.pretrained import check_model_paths, resolve_init_from
     from para_train.training.distributed import init_process_group, read_env
     
     import warnings
@@ -42,19 +67,26 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation chatter from torch/transformers
     args = parse_args(argv)
     dist_env = read_env()
+    if os.environ.get("PARA_TRAIN_RANK_LOG"):  # set by cluster/launch.sh: one log per rank
+        tee_output(f"{os.environ['PARA_TRAIN_RANK_LOG']}{dist_env.rank}.log")
     logging.basicConfig(level=logging.INFO if dist_env.rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [rank {dist_env.rank}] %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     try:  # every config error surfaces here, before a process group exists
         cfg = load_config(args.stage, args.config, args.overrides)
+        check_model_paths(cfg)
         resolve_init_from(cfg)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    if not dist_env.use_cuda:
-        import torch
+    import torch
 
+    if not dist_env.use_cuda:
         torch.set_num_threads(dist_env.cpu_threads)
+    if cfg.run.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts, i.e. after this
+        torch.use_deterministic_algorithms(True, warn_only=True)  # ops without a deterministic kernel warn once
+        torch.backends.cudnn.benchmark = False
     init_process_group(dist_env)
 
     from para_train.data.dataset import DataError

@@ -20,7 +20,8 @@ from slurm_cluster import REPO, ensure_installed, local_slurm, read_text, tail
 
 CLUSTER = REPO / "cluster"
 TEMPLATES = sorted(CLUSTER.glob("stage*_*.sh"))
-SHELL_SCRIPTS = [*TEMPLATES, CLUSTER / "launch.sh", CLUSTER / "local_slurm.sh", REPO / "install.sh", REPO / ".ci" / "run"]
+SHELL_SCRIPTS = [*TEMPLATES, CLUSTER / "launch.sh", CLUSTER / "local_slurm.sh", REPO / "install.sh", REPO / ".ci" / "run",
+                 REPO / "benchmarks" / "gpu_check.sh"]
 STAGE1 = CLUSTER / "stage1_64nodes.sh"
 # The shared 2-rank run's stage-1 training settings (conftest), so that its losses are the reference.
 TRAINING = " ".join(["data.synthetic_samples=96", "train.log_every=1", "sample.num_images=0", "tracking.enabled=false",
@@ -97,12 +98,20 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {row["step"]: row["loss"] for row in rows}
 
 
+CRASH_STEP = 7  # after the step-6 checkpoint
+SRUN_WAIT, SLOW_FINISH = 3, 12  # seconds
+
+
 @pytest.fixture(scope="module")
 def preempted(slurm, cache_dir, tmp_path_factory) -> Job:
-    """A two-node stage-1 job with the shared 2-rank run's training settings, sent USR1 (what
-    --signal=B:USR1@SECS does before the time limit) once it has trained a step, then left to finish."""
+    """A two-node stage-1 job with the shared 2-rank run's training settings, through three attempts:
+    1. sent USR1 (what --signal=B:USR1@SECS does before the time limit) once it has trained a step;
+    2. the requeued attempt loses node 1 (its rank is SIGKILLed right after step 7);
+    3. requeued again, it finishes, with rank 0's export taking longer than srun's --wait."""
     tmp = tmp_path_factory.mktemp("slurm-preempted")
-    job = Job(slurm, tmp, job_env(tmp / "run", f"{TRAINING} data.cache_dir={cache_dir}"))
+    drills = f"debug.crash_at_step={CRASH_STEP} debug.crash_rank=1 debug.slow_finish_s={SLOW_FINISH}"
+    job = Job(slurm, tmp, job_env(tmp / "run", f"{TRAINING} {drills} data.cache_dir={cache_dir}",
+                                  PARA_TRAIN_SRUN_WAIT=str(SRUN_WAIT)))
     metrics = job.run_dir / "stage1" / "metrics.jsonl"
     deadline = time.monotonic() + 600
     while not (metrics.is_file() and metrics.read_text().strip()):
@@ -130,17 +139,37 @@ def test_two_node_job_trains_one_rank_per_node_and_checkpoints(preempted):
     assert (job.run_dir / "stage1" / "final").is_dir()
 
 
-def test_usr1_checkpoints_requeues_and_resumes_with_the_same_losses(preempted, three_stages):
+def test_usr1_and_a_lost_node_requeue_and_resume_with_the_same_losses(preempted, three_stages):
     job = preempted
-    assert job.info.restarts == 1, job.describe()
+    assert job.info.restarts == 2, job.describe()
     batch = read_text(job.batch_log)
-    assert "got USR1" in batch and "requeueing job" in batch and "attempt 2" in batch, job.describe()
-    saved = re.search(r"checkpoint saved at step (\d+)", read_text(job.node_log(0)))
-    assert saved and int(saved.group(1)) < STEPS, f"the signal did not stop the first attempt early\n{job.describe()}"
-    assert "resumed from" in read_text(job.node_log(0)), job.describe()
+    # attempt 1: preempted
+    assert "got USR1" in batch and "checkpoint saved; requeueing job" in batch and "attempt 2" in batch, job.describe()
+    node0 = read_text(job.node_log(0))
+    saved = re.search(r"checkpoint saved at step (\d+)", node0)
+    assert saved and int(saved.group(1)) < CRASH_STEP - 1, f"the signal did not stop attempt 1 early\n{job.describe()}"
+    # attempt 2: node 1's rank dies after step 7; the job goes back to the step-6 checkpoint
+    assert f"SIGKILL after step {CRASH_STEP}" in read_text(job.node_log(1)), job.describe()
+    assert ("node failure; the last complete checkpoint is step_00000006; requeueing job" in batch
+            and "attempt 3" in batch), job.describe()
+    assert re.search(r"resumed from \S+step_00000006 at step 6", node0), job.describe()
     # the same losses as the uninterrupted 2-rank run of the same settings (two local ranks, no Slurm)
     run_dir, _ = three_stages
     assert losses(job.run_dir) == losses(run_dir), job.describe()
+
+
+def test_a_stage_end_longer_than_sruns_wait_is_not_killed(preempted):
+    job = preempted
+    assert job.info.exit_code == 0 and "launch.sh: done" in read_text(job.batch_log), job.describe()
+    node0 = read_text(job.node_log(0))
+    assert "debug.slow_finish_s: the export starts in" in node0, job.describe()
+    assert "stage 1 done: diffusers export in" in node0, job.describe()
+    assert (job.run_dir / "stage1" / "export" / "model_index.json").is_file()
+    # one log per rank beside the node logs, across attempts
+    for rank in (0, 1):
+        text = read_text(job.run_dir / "logs" / f"stage1-rank{rank}.log")
+        assert f"[rank {rank}]" in text, job.describe()
+    assert "stage 1 done" in read_text(job.run_dir / "logs" / "stage1-rank0.log")
 
 
 def test_a_bad_config_fails_the_batch_step_before_any_node_starts(slurm, tmp_path):
@@ -182,9 +211,18 @@ def test_requeues_stop_at_the_cap(slurm, fake_checkout, tmp_path):
     assert "not requeueing" in read_text(job.batch_log), job.describe()
 
 
-def test_a_node_that_did_not_save_fails_the_job_without_requeue(slurm, fake_checkout, tmp_path):
-    env = job_env(tmp_path / "run", "", FAKE_EXIT_CODES="75,1")
+def test_a_failure_without_progress_is_retried_once_then_stopped_as_a_crash_loop(slurm, fake_checkout, tmp_path):
+    env = job_env(tmp_path / "run", "", FAKE_EXIT_CODES="75,1")  # node 1 failed, node 0 saved: no new checkpoint
     job = Job(slurm, tmp_path, env, home=fake_checkout)
     info = job.wait("FAILED", timeout=300)
-    assert (info.exit_code, info.restarts) == (1, 0), job.describe()
-    assert "node 1 exited with 1, not 75" in read_text(job.batch_log), job.describe()
+    assert (info.exit_code, info.restarts) == (1, 1), job.describe()
+    batch = read_text(job.batch_log)
+    assert "node failure; the last complete checkpoint is none; requeueing job" in batch, job.describe()
+    assert "crash loop: this attempt failed from the same checkpoint (none)" in batch, job.describe()
+
+
+def test_a_config_or_data_error_on_the_nodes_is_not_retried(slurm, fake_checkout, tmp_path):
+    job = Job(slurm, tmp_path, job_env(tmp_path / "run", "", FAKE_EXIT_CODES="2,2"), home=fake_checkout)
+    info = job.wait("FAILED", timeout=300)
+    assert (info.exit_code, info.restarts) == (2, 0), job.describe()
+    assert "does not heal with a retry" in read_text(job.batch_log), job.describe()

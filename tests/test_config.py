@@ -5,7 +5,8 @@ import sys
 import pytest
 import torch
 
-from para_train.config import REPO_ROOT, ConfigError, load_config, resolve_init_from
+from para_train.config import REPO_ROOT, ConfigError, load_config
+from para_train.models.pretrained import resolve_init_from
 
 from conftest import MAIN, rank_env
 
@@ -46,7 +47,7 @@ def test_stage2_without_lora_and_without_stage1_output(tmp_path):
     with pytest.raises(ConfigError, match="Run stage 1 first"):
         resolve_init_from(cfg)
     cfg = load_config(3, overrides=[f"checkpoint.init_from={tmp_path / 'nowhere'}"])
-    with pytest.raises(ConfigError, match="no complete final weights at"):
+    with pytest.raises(ConfigError, match="nowhere does not exist"):
         resolve_init_from(cfg)
 
 

@@ -146,3 +146,47 @@ def test_mid_epoch_resume_on_two_ranks_yields_the_uninterrupted_samples(bad_data
         assert Counter(epoch0) == expected_epoch(ids)  # together the ranks saw each sample once, bad ones replaced
         assert ranks[0][workers]["full"] == ranks[0]["0"]["full"]  # loader workers do not change the order
     assert ranks[0]["0"]["full"] != ranks[1]["0"]["full"]
+
+
+STALE_SHM_MAKER = """
+import sys, time
+from streaming import StreamingDataset
+next(iter(StreamingDataset(local=sys.argv[1], batch_size=2)))
+print("ready", flush=True)
+time.sleep(120)
+"""
+
+
+def test_shared_memory_left_by_a_killed_run_is_cleaned_at_start_up(bad_data, tmp_path):
+    """A run killed with its helper processes (node crash, OOM kill, torn-down job step) leaves MosaicML
+    streaming's shared memory behind; the trainer's start-up (data.clean_shared_memory) removes it."""
+    import signal
+    import subprocess
+    import sys
+
+    from para_train.data.loader import clean_shared_memory
+
+    data, _ = bad_data
+    before = set(os.listdir("/dev/shm"))
+    proc = subprocess.Popen([sys.executable, "-c", STALE_SHM_MAKER, str(data)], stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    assert proc.stdout.readline().strip() == "ready"
+    os.killpg(proc.pid, signal.SIGKILL)  # the process and Python's resource tracker, which would unlink it
+    proc.wait(timeout=60)
+    stale = set(os.listdir("/dev/shm")) - before
+    assert any(name.endswith("_locals") for name in stale), stale  # streaming's registry of local folders
+    assert clean_shared_memory(load_config(1, overrides=["data.clean_shared_memory=false"])) == []
+    assert stale <= set(os.listdir("/dev/shm"))  # switched off: left alone
+
+    # a live run's segments (this one maps them) survive the cleaning; the killed run's are removed
+    from streaming import StreamingDataset
+
+    live_before = set(os.listdir("/dev/shm"))
+    live = StreamingDataset(local=str(data), batch_size=2)
+    next(iter(live))
+    mine = set(os.listdir("/dev/shm")) - live_before
+    assert mine
+    removed = clean_shared_memory(load_config(1))
+    assert stale <= set(removed) and not stale & set(os.listdir("/dev/shm"))
+    assert mine <= set(os.listdir("/dev/shm")) and not mine & set(removed)
+    del live

@@ -100,15 +100,24 @@ def test_sigkill_and_resume_reproduce_the_uninterrupted_losses(three_stages, tmp
     assert (stage_dir / "checkpoints" / "step_00000006").is_dir()
     assert not (stage_dir / "checkpoints" / "step_00000006" / "COMPLETE").exists()
 
-    # 2. resume picks step 3 (the last complete one); SIGKILL the whole job after step 8
+    # 2. resume picks step 3 (the last complete one); SIGKILL the whole job after step 8 (step 6 is then complete)
     proc = start_deepspeed(1, args, tmp_path / "resume1.log")
     wait_for_step(stage_dir, 8, proc)
     kill_group(proc)
     assert "resumed from" in (tmp_path / "resume1.log").read_text()
     assert "step_00000003" in (tmp_path / "resume1.log").read_text()
 
-    # 3. resume from step 6 and finish
-    run_deepspeed(1, args)
+    # 3. the newest complete checkpoint (step 6) is damaged after its marker was written, as a node crash or a
+    # full disk leaves it: resume names the bad file and continues from step 3, the previous complete one
+    newest = stage_dir / "checkpoints" / "step_00000006"
+    assert (newest / "COMPLETE").is_file()
+    [optim] = newest.glob("zero_pp_rank_1_*optim_states.pt")
+    with open(optim, "r+b") as f:
+        f.truncate(optim.stat().st_size // 2)
+    out = run_deepspeed(1, args)
+    log = out.stdout + out.stderr
+    assert f"step_00000006 is damaged: {optim.name} has" in log and "falling back" in log, log[-3000:]
+    assert "resumed from" in log and "step_00000003" in log
     got = [(r["step"], r["loss"]) for r in read_metrics(stage_dir)]
     assert got == expected  # exact: same data order, noise, dropout and optimizer state
     # ...and all three attempts logged into one MLflow run, each step exactly once

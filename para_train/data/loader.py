@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import hashlib
+import logging
+import os
+import re
 from pathlib import Path
 
 from filelock import FileLock
@@ -9,6 +12,8 @@ from filelock import FileLock
 from para_train.config import Config, ConfigError
 from para_train.data.dataset import ShardStream, build_loader
 from para_train.data.shards import ensure_synthetic_shards, is_remote, synthetic_dataset_dir
+
+log = logging.getLogger(__name__)
 
 
 def stream_location(remote: str, cache_dir: Path, key: str = "data.remote") -> tuple[str, str | None]:
@@ -47,6 +52,54 @@ def prepare_data(cfg: Config) -> None:
     cfg.cache_dir.mkdir(parents=True, exist_ok=True)
     with FileLock(str(cfg.cache_dir / "synthetic.lock")):
         ensure_synthetic_shards(cfg.cache_dir, d.synthetic_seed, d.synthetic_samples)
+
+
+def clean_shared_memory(cfg: Config) -> list[str]:
+    """Remove the shared memory MosaicML streaming left on this node when a run was killed together with its
+    helper processes (a node crash, an OOM kill, a torn-down job step), before a requeued job on the node starts
+    its loaders. Local rank 0 cleans; every rank then waits (collective once a process group exists).
+
+    A segment counts as stale when it has streaming's name (`<6-digit prefix>_<name>`), belongs to this user
+    and no process maps it. (streaming's own clean_stale_shared_memory stops at the first unused prefix, so it
+    misses most leftovers, and it also removes segments that live runs on the node still use.)"""
+    removed: list[str] = []
+    if cfg.data.clean_shared_memory and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        for path in stale_streaming_segments():
+            try:
+                path.unlink()
+                removed.append(path.name)
+            except OSError:
+                pass
+        if removed:
+            log.warning("removed %d stale MosaicML streaming shared-memory segments left by a killed run, e.g. %s",
+                        len(removed), removed[0])
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    return removed
+
+
+def stale_streaming_segments(shm: Path = Path("/dev/shm")) -> list[Path]:
+    from streaming.base.util import SHM_TO_CLEAN
+
+    pattern = re.compile(r"^\d{6}_(%s)$" % "|".join(map(re.escape, SHM_TO_CLEAN)))
+    try:
+        candidates = [p for p in shm.iterdir() if pattern.match(p.name) and p.stat().st_uid == os.getuid()]
+    except OSError:
+        return []
+    if not candidates:
+        return []
+    mapped = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            text = maps.read_text()
+        except OSError:  # gone, or another user's process
+            continue
+        for line in text.splitlines():
+            if str(shm) + "/" in line:
+                mapped.add(line.rsplit("/", 1)[1].removesuffix(" (deleted)").strip())
+    return [p for p in candidates if p.name not in mapped]
 
 
 def cache_limit(cfg: Config) -> str | None:

@@ -74,14 +74,28 @@ def add_lora(llm: nn.Module, cfg: LoRAConfig) -> nn.Module:
     return get_peft_model(llm, lora)
 
 
+# Inputs of UNet2DConditionModel that ParaDiffusion does not feed: its only condition is the LLM's token features.
+_UNFED = {"addition_embed_type": "SDXL's micro-conditioning (pooled text + size/crop ids)",
+          "class_embed_type": "class labels", "encoder_hid_dim_type": "a second text projection inside the UNet"}
+
+
 def unet_config(cfg: UNetConfig) -> dict:
+    """The UNet's architecture: `config` alone, or the folder's config.json with `config`'s keys over it."""
     if cfg.path is not None:
-        path = Path(cfg.path) / "config.json"
+        path = Path(cfg.path).expanduser() / "config.json"
         if not path.is_file():
             raise ConfigError(f"model.unet.path: {path} does not exist; point it at a UNet2DConditionModel folder "
                               "(e.g. .../stable-diffusion-xl-base-1.0/unet)")
-        return {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
-    return dict(cfg.config)
+        conf = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
+        conf.update(cfg.config or {})
+    else:
+        conf = dict(cfg.config)
+    for key, what in _UNFED.items():
+        if conf.get(key) is not None:
+            raise ConfigError(f"model.unet.config.{key}: the UNet expects {what} ({key}={conf[key]!r}), which "
+                              f"para-train does not feed; ParaDiffusion conditions on the LLM's token features only: "
+                              f"set model.unet.config.{key}=null (its weights are then dropped and listed in the log)")
+    return conf
 
 
 def build_unet(config: dict) -> nn.Module:
@@ -127,7 +141,7 @@ class WeightReader:
         from safetensors import safe_open
 
         self._stack = ExitStack()
-        self._where: dict[str, tuple[object, str]] = {}
+        self._where: dict[str, tuple[object, str, Path]] = {}
         for f in files:
             handle = self._stack.enter_context(safe_open(str(f), framework="pt"))
             for key in handle.keys():
@@ -136,7 +150,7 @@ class WeightReader:
                     if name.startswith(prefix):
                         name = name[len(prefix):]
                         break
-                self._where[name] = (handle, key)
+                self._where[name] = (handle, key, Path(f))
 
     def __contains__(self, name: str) -> bool:
         return name in self._where
@@ -145,8 +159,18 @@ class WeightReader:
         return iter(self._where)
 
     def get(self, name: str) -> torch.Tensor:
-        handle, key = self._where[name]
+        handle, key, _ = self._where[name]
         return handle.get_tensor(key)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The tensor's shape, from the file's header (nothing is read)."""
+        handle, key, _ = self._where[name]
+        return tuple(handle.get_slice(key).get_shape())
+
+    def source(self, name: str) -> tuple[Path, str]:
+        """(file, key in the file) of a tensor, to read it again later."""
+        _, key, path = self._where[name]
+        return path, key
 
     def close(self):
         self._stack.close()

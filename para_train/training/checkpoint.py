@@ -3,16 +3,20 @@
 Layout under `<stage dir>/checkpoints/`:
   step_00000100/            DeepSpeed's sharded engine state (model, optimizer, scheduler)
   step_00000100/rank00000.pt   this rank's RNG states, EMA shard, generators and data position
-  step_00000100/COMPLETE    written last, after every rank finished: only then does it count
+  step_00000100/COMPLETE    written last, after every rank flushed its files to disk: only then does
+                            it count; it lists every file of the checkpoint with its size
   latest                    name of the newest complete checkpoint, replaced atomically
+
+A resume takes the newest complete checkpoint whose files are all there at their recorded sizes; a
+damaged one (e.g. a file truncated by a node crash or a full disk) is reported by name and skipped.
 """
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -22,20 +26,81 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from para_train.training.distributed import barrier
+from para_train.training.distributed import barrier, wait_for_all
 
 log = logging.getLogger(__name__)
 COMPLETE = "COMPLETE"
+CONVERSION_WORKERS = 16  # at most, for the universal-checkpoint conversion
 
 
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def _fsync(path: Path) -> None:
+    """Flush a file's data, or a folder's entries, to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _write_atomic(path: Path, text: str) -> None:
+    """Write, flush to disk, then rename over `path` (and flush the folder), so a crash leaves old or new."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync(path.parent)
+
+
+# DeepSpeed names per-rank files zero_pp_rank_<r>_mp_rank_00_{model,optim}_states.pt (bf16_ prefixed in bf16);
+# ours are rank<r>.pt. Every other file of a checkpoint (e.g. mp_rank_00_model_states.pt) is rank 0's.
+_RANK_FILE = re.compile(r"(?:^|_)pp_rank_(\d+)_|^rank(\d+)\.pt$")
+
+
+def _owner(name: str) -> int:
+    m = _RANK_FILE.search(name)
+    return int(m.group(1) or m.group(2)) if m else 0
+
+
+def flush_own_files(path: Path, rank: int) -> None:
+    """Flush this rank's files of a checkpoint to disk (on a shared file system only the writer can)."""
+    for f in sorted(path.rglob("*")):
+        if f.is_file() and _owner(f.name) == rank:
+            _fsync(f)
+    if rank == 0:
+        for d in [path, *(d for d in path.rglob("*") if d.is_dir())]:
+            _fsync(d)
+
+
+def manifest(path: Path) -> dict[str, int]:
+    """Every file of a checkpoint (relative name -> size in bytes), the marker excepted."""
+    return {str(f.relative_to(path)): f.stat().st_size for f in sorted(path.rglob("*"))
+            if f.is_file() and f.name != COMPLETE}
+
+
+def write_complete(path: Path, meta: dict) -> None:
+    """Mark a checkpoint complete; call once every rank's files are flushed."""
+    _write_atomic(path / COMPLETE, json.dumps({**meta, "files": manifest(path)}) + "\n")
+
+
+def damage(path: Path) -> str | None:
+    """What is wrong with a complete checkpoint's files (None: all there at their recorded sizes)."""
+    try:
+        files = json.loads((path / COMPLETE).read_text()).get("files")
+    except (OSError, ValueError) as e:
+        return f"its {COMPLETE} marker cannot be read ({e})"
+    for name, size in (files or {}).items():  # markers written before the manifest existed list no files
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != size:
+            return f"{name} has {f.stat().st_size} bytes, {size} when it was written"
+    return None
 
 
 def rng_state() -> dict:
@@ -62,15 +127,15 @@ def complete_checkpoints(root: Path) -> list[Path]:
 
 
 def latest_checkpoint(root: Path) -> Path | None:
-    """The newest complete checkpoint. `latest` is a hint; the COMPLETE marker is the truth."""
-    pointer = root / "latest"
-    if pointer.is_file():
-        candidate = root / pointer.read_text().strip()
-        if (candidate / COMPLETE).is_file():
-            newer = [p for p in complete_checkpoints(root) if p.name > candidate.name]
-            return newer[-1] if newer else candidate
-    done = complete_checkpoints(root)
-    return done[-1] if done else None
+    """The newest complete, undamaged checkpoint. The COMPLETE marker and its file list are the truth
+    (the `latest` pointer is for people and other tools); a damaged one is reported and skipped."""
+    for candidate in reversed(complete_checkpoints(root)):
+        problem = damage(candidate)
+        if problem is None:
+            return candidate
+        log.warning("checkpoint %s is damaged: %s; falling back to the previous complete checkpoint",
+                    candidate, problem)
+    return None
 
 
 def save(engine, root: Path, step: int, rank: int, rank_state: dict, meta: dict, keep: int) -> Path:
@@ -82,9 +147,10 @@ def save(engine, root: Path, step: int, rank: int, rank_state: dict, meta: dict,
     barrier()
     engine.save_checkpoint(str(root), tag=tag, client_state={"para_train": meta}, save_latest=False)
     torch.save(rank_state, path / f"rank{rank:05d}.pt")
+    flush_own_files(path, rank)
     barrier()  # every rank's files are on disk
     if rank == 0:
-        _write_atomic(path / COMPLETE, json.dumps({**meta, "step": step, "time": time.time()}) + "\n")
+        write_complete(path, {**meta, "step": step, "time": time.time()})
         _write_atomic(root / "latest", tag + "\n")
         prune(root, keep)
     barrier()
@@ -124,16 +190,22 @@ def to_universal(path: Path, rank: int) -> Path:
     if rank == 0 and not (out / COMPLETE).is_file():
         shutil.rmtree(out, ignore_errors=True)
         log.info("converting %s to a universal checkpoint for a different number of ranks", path)
+        # The other ranks of rank 0's node are idle meanwhile: use its cores (the conversion is per-tensor work).
+        workers = max(1, min(CONVERSION_WORKERS, len(os.sched_getaffinity(0)) or 1))
+        log.info("converting %s to a universal checkpoint for a different number of ranks (%d workers; the other "
+                 "ranks wait without a collective timeout)", path, workers)
+        start = time.monotonic()
         cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path),
-               "--output_folder", str(out), "--inject_missing_state", "--num_extract_workers", "1",
-               "--num_merge_workers", "1"]
+               "--output_folder", str(out), "--inject_missing_state", "--num_extract_workers", str(workers),
+               "--num_merge_workers", str(workers)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"converting {path} to a universal checkpoint failed:\n{proc.stdout[-3000:]}\n"
                                f"{proc.stderr[-3000:]}")
         _write_atomic(path.parent / "latest_universal", out.name + "\n")
         _write_atomic(out / COMPLETE, "ok\n")
-    barrier()
+        log.info("universal checkpoint %s written in %.0f s", out, time.monotonic() - start)
+    wait_for_all()  # however long the conversion takes
     return out
 
 
@@ -146,7 +218,9 @@ def load_resharded(engine, path: Path, universal: Path, rank: int, old_world_siz
                                           load_lr_scheduler_states=True)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the universal checkpoint {universal}")
-    old = [torch.load(path / f"rank{r:05d}.pt", map_location="cpu", weights_only=True) for r in range(old_world_size)]
+    # Memory-mapped: a rank reads only the parts it uses, not every old rank's whole EMA shard into memory.
+    old = [torch.load(path / f"rank{r:05d}.pt", map_location="cpu", weights_only=True, mmap=True)
+           for r in range(old_world_size)]
     state = dict(old[0])
     mine = old[rank] if rank < old_world_size else None
     state["rng"] = mine["rng"] if mine else None
@@ -163,14 +237,20 @@ def reshard_ema(ema_full: dict, ema) -> dict:
     if ema_full["names"] != ema.names:
         raise ValueError("the checkpoint's EMA does not match this model's trainable parameters")
     shadow = []
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     for shards, local, p in zip(ema_full["shards"], ema.shadow, ema.params):
         numel = int(getattr(p, "ds_numel", p.numel()))
-        full = torch.cat([s.reshape(-1) for s in shards])[:numel] if shards[0].numel() != numel else shards[0].reshape(-1)
-        if local.numel() == numel:  # not partitioned here
-            shadow.append(full.reshape(local.shape).clone())
-            continue
-        part, world, rank = local.numel(), torch.distributed.get_world_size(), torch.distributed.get_rank()
-        padded = torch.zeros(part * world, dtype=full.dtype)  # ZeRO-3: equal parts, the last one padded
-        padded[:numel] = full
-        shadow.append(padded[rank * part:(rank + 1) * part].reshape(local.shape).clone())
+        old_parts = [s.reshape(-1) for s in shards] if shards[0].numel() != numel else [shards[0].reshape(-1)]
+        # this rank's slice of the flat tensor (ZeRO-3: equal parts, the last one zero-padded), read from the
+        # old shards that overlap it only (they are memory-mapped: the others are never read)
+        part = local.numel()
+        lo, hi = (rank * part, (rank + 1) * part) if part != numel else (0, numel)
+        out = torch.zeros(part, dtype=old_parts[0].dtype)
+        offset = 0
+        for old in old_parts:
+            a, b = max(lo, offset), min(hi, offset + old.numel(), numel)
+            if a < b:
+                out[a - lo:b - lo] = old[a - offset:b - offset]
+            offset += old.numel()
+        shadow.append(out.reshape(local.shape))
     return {"decay": ema.decay, "names": ema.names, "shadow": shadow}

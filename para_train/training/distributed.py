@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 
@@ -75,12 +76,29 @@ def init_process_group(dist_env: DistEnv) -> None:
 
         ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend="nccl" if dist_env.use_cuda else "gloo")
+    global _long_wait_group
+    _long_wait_group = torch.distributed.new_group(backend="gloo", timeout=LONG_WAIT)
+
+
+# Rank 0 alone sometimes works for a long time while the others wait: the stage's export and its upload to
+# MLflow (~12 GB for an SDXL-class UNet in fp32), or converting a checkpoint for a new world size. Under the
+# default group's collective timeout (NCCL: 10-30 minutes) the waiting ranks would abort, and the ranks that
+# left early would let srun's --wait kill rank 0. These waits go through a CPU (gloo) group of their own with
+# a long timeout instead; a rank that dies still ends the wait at once (its connections close).
+LONG_WAIT = timedelta(hours=12)
+_long_wait_group = None
 
 
 def barrier() -> None:
     torch.distributed.barrier()
 
 
+def wait_for_all() -> None:
+    """A barrier that tolerates one rank working for up to LONG_WAIT before it arrives."""
+    torch.distributed.barrier(group=_long_wait_group)
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks, in place. `t` must live on this rank's device (CUDA under NCCL)."""
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
     return t

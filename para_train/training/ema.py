@@ -5,8 +5,6 @@ tensor otherwise), so the EMA is sharded exactly like the weights and costs 1/wo
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 from torch import nn
 
@@ -16,16 +14,39 @@ def _local(p: torch.Tensor) -> torch.Tensor:
 
 
 class ShardedEMA:
-    def __init__(self, named_params: list[tuple[str, nn.Parameter]], decay: float):
+    """`masters`: per parameter, this rank's part of the optimizer's fp32 master copy (a view the optimizer
+    updates in place), which the EMA follows instead of the (possibly bf16) parameter shard; None: the shards."""
+
+    def __init__(self, named_params: list[tuple[str, nn.Parameter]], decay: float,
+                 masters: list[torch.Tensor] | None = None):
         self.decay = decay
         self.names = [n for n, _ in named_params]
         self.params = [p for _, p in named_params]
-        self.shadow = [_local(p).detach().float().clone() for p in self.params]
+        self.sources = masters if masters is not None else [_local(p) for p in self.params]
+        for name, src, p in zip(self.names, self.sources, self.params):
+            assert src.numel() == _local(p).numel(), f"{name}: the fp32 master is not partitioned like the parameter"
+        self.shadow = [src.detach().float().clone().reshape(_local(p).shape) for src, p in zip(self.sources, self.params)]
 
     @torch.no_grad()
     def update(self) -> None:
-        for s, p in zip(self.shadow, self.params):
-            s.lerp_(_local(p).float(), 1.0 - self.decay)
+        for s, src in zip(self.shadow, self.sources):
+            s.lerp_(src.reshape(s.shape).float(), 1.0 - self.decay)
+
+    @torch.no_grad()
+    def full_tensors(self, rank: int) -> dict[str, torch.Tensor]:
+        """The EMA as full fp32 CPU tensors on rank 0 (empty elsewhere); collective under ZeRO-3."""
+        out = {}
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        for name, s, p in zip(self.names, self.shadow, self.params):
+            if hasattr(p, "ds_tensor"):
+                parts = [torch.empty_like(s) for _ in range(world)]
+                torch.distributed.all_gather(parts, s.contiguous())  # on the shard's device (CUDA under NCCL)
+                full = torch.cat([x.reshape(-1) for x in parts])[:p.ds_numel].reshape(p.ds_shape)
+            else:
+                full = s
+            if rank == 0:
+                out[name] = full.detach().to("cpu", torch.float32).clone()
+        return out
 
     def state_dict(self) -> dict:
         return {"decay": self.decay, "names": self.names, "shadow": self.shadow}
@@ -34,17 +55,4 @@ class ShardedEMA:
         if state["names"] != self.names or any(a.shape != b.shape for a, b in zip(state["shadow"], self.shadow)):
             raise ValueError("the checkpoint's EMA does not match this model's trainable parameters or sharding "
                              "(changed model, LoRA settings or world size)")
-        self.shadow = [s.clone() for s in state["shadow"]]
-
-    @contextmanager
-    @torch.no_grad()
-    def swapped_in(self):
-        """Temporarily put the EMA weights into the model (e.g. to gather them or to sample)."""
-        backup = [_local(p).clone() for p in self.params]
-        for s, p in zip(self.shadow, self.params):
-            _local(p).copy_(s.to(_local(p).dtype))
-        try:
-            yield
-        finally:
-            for b, p in zip(backup, self.params):
-                _local(p).copy_(b)
+        self.shadow = [s.to(own.device, own.dtype, copy=True) for s, own in zip(state["shadow"], self.shadow)]  # saved on the CPU

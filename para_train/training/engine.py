@@ -11,9 +11,10 @@ import deepspeed
 import torch
 from torch import nn
 
-from para_train.config import REPO_ROOT, Config, ConfigError, resolve_init_from
+from para_train.config import REPO_ROOT, Config, ConfigError
 from para_train.kernel_dispatch import apply_kernels
 from para_train.models import build
+from para_train.models.pretrained import resolve_init_from
 from para_train.models.paradiffusion import LatentEncoder, ParaDiffusion, TextEncoder
 from para_train.training import weights
 from para_train.training.distributed import DistEnv
@@ -47,11 +48,31 @@ def deepspeed_config(cfg: Config, dist_env: DistEnv) -> dict:
         "fp16": {"enabled": False},
         "optimizer": {"type": "AdamW", "params": {
             "lr": t.lr, "betas": list(t.betas), "eps": 1e-8, "weight_decay": t.weight_decay,
-            # On the CPU, torch's AdamW avoids DeepSpeed JIT-building its fused optimizers.
-            **({} if dist_env.use_cuda else {"torch_adam": True})}},
+            **optimizer_choice(dist_env.use_cuda, cfg.deepspeed.offload_optimizer)}},
     })
+    if cfg.deepspeed.offload_optimizer and not _prebuilt("cpu_adam"):
+        ds["zero_force_ds_cpu_optimizer"] = False  # torch's fused AdamW on the CPU instead of a JIT-built one
     ds.setdefault("steps_per_print", 10 ** 9)
     return ds
+
+
+def _prebuilt(op: str) -> bool:
+    """Whether this DeepSpeed install carries `op` compiled (DS_BUILD_OPS=1 / DS_BUILD_<OP>=1 at install)."""
+    from deepspeed.git_version_info import installed_ops
+
+    return bool(installed_ops.get(op))
+
+
+def optimizer_choice(use_cuda: bool, offload_optimizer: bool) -> dict:
+    """AdamW without a compiler at run time. DeepSpeed's own FusedAdam / DeepSpeedCPUAdam are JIT-built on first
+    use by every rank (nvcc and CUDA_HOME on the compute node, one lock in a shared $HOME, a stale lock after a
+    killed build), so torch's AdamW is used unless the op came prebuilt with DeepSpeed: fused (one kernel per
+    parameter group) on GPU tensors and for an optimizer offloaded to the CPU, torch's default on the CPU."""
+    if offload_optimizer:
+        return {} if _prebuilt("cpu_adam") else {"torch_adam": True, "fused": True}
+    if use_cuda:
+        return {} if _prebuilt("fused_adam") else {"torch_adam": True, "fused": True}
+    return {"torch_adam": True}
 
 
 def lr_lambda(cfg: Config):
@@ -75,6 +96,8 @@ class Built:
     latent_encoder: LatentEncoder
     tokenizer: object
     num_params: dict
+    init_report: dict  # what was copied from which folder, re-initialised or dropped (logged and tracked)
+    provenance: weights.Provenance  # trainable parameter -> the file its value came from
 
 
 def build_model(cfg: Config, dist_env: DistEnv, ds_config: dict) -> Built:
@@ -101,9 +124,19 @@ def build_model(cfg: Config, dist_env: DistEnv, ds_config: dict) -> Built:
     if llm_path is not None:
         with build.read_weights(llm_path, strip_prefixes=("model.",)) as reader:
             weights.copy_into(llm, reader, dist_env.rank)
-    if m.unet.path is not None:
+    provenance: weights.Provenance = {}
+    init_report: dict[str, str] = {}
+    if m.unet.path is not None:  # e.g. SDXL's unet/, with model.unet.config's keys over its config.json
         with build.read_weights(m.unet.path) as reader:
-            weights.copy_into(unet, reader, dist_env.rank)
+            report = weights.copy_matching(unet, reader, dist_env.rank, record=provenance, prefix="unet.")
+        init_report.update({f"init.unet.{k}": v for k, v in weights.summarize(report).items()})
+        log.info("UNet from %s: %d tensors copied", m.unet.path, len(report["copied"]))
+        for outcome, what in (("reinitialised", "re-initialised (another shape here)"),
+                              ("fresh", "initialised fresh (not in the folder)"),
+                              ("dropped", "dropped (not in this model)")):
+            if report[outcome]:
+                log.info("  %s: %s", what, init_report[f"init.unet.{outcome}"])
+                log.debug("  %s: %s", outcome, report[outcome])
     if m.lora.enabled:
         llm = build.add_lora(llm, m.lora)
         if zero3 and ds_config["bf16"]["enabled"]:
@@ -121,10 +154,17 @@ def build_model(cfg: Config, dist_env: DistEnv, ds_config: dict) -> Built:
     model = ParaDiffusion(TextEncoder(llm, m.llm.layer, projection), unet, m.prediction_type, m.min_snr_gamma,
                           m.num_train_timesteps)
 
-    init_from = resolve_init_from(cfg)
-    if init_from is not None:
-        counts = weights.load_final(model, init_from, dist_env.rank, with_lora=m.lora.enabled)
-        log.info("initialised from %s: %s", init_from, counts)
+    source = resolve_init_from(cfg)
+    if source is not None:
+        use_ema = cfg.checkpoint.init_weights == "ema"
+        counts = weights.load_init(model, source, dist_env.rank, with_lora=m.lora.enabled, use_ema=use_ema,
+                                   record=provenance)
+        which = "EMA" if use_ema and source.ema is not None else "raw"
+        if use_ema and source.ema is None:
+            log.info("checkpoint.init_weights=ema: %s (%s layout) holds one set of weights; starting from those",
+                     source.folder, source.kind)
+        log.info("initialised from %s (%s layout, %s weights): %s", source.folder, source.kind, which, counts)
+        init_report.update({"init.from": str(source.folder), "init.layout": source.kind, "init.weights": which})
 
     # Freeze per stage: the LLM base is always frozen; LoRA (stages 2-3), UNet and projection train.
     for name, p in model.named_parameters():
@@ -144,7 +184,7 @@ def build_model(cfg: Config, dist_env: DistEnv, ds_config: dict) -> Built:
         vae = vae.to(f"cuda:{dist_env.local_rank}", torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32)
     counts = {"trainable": sum(_numel(p) for p in model.parameters() if p.requires_grad),
               "total": sum(_numel(p) for p in model.parameters())}
-    return Built(model, LatentEncoder(vae), tokenizer, counts)
+    return Built(model, LatentEncoder(vae), tokenizer, counts, init_report, provenance)
 
 
 def _numel(p: torch.Tensor) -> int:
@@ -166,4 +206,22 @@ def initialize(cfg: Config, built: Built, ds_config: dict):
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=built.model, model_parameters=param_groups(built.model, cfg), config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
+    if ds_config["bf16"]["enabled"] and built.provenance:
+        # DeepSpeed made the fp32 master copy from the bf16 parameters: put the exact source values back.
+        n = weights.set_fp32_masters(engine.module, built.provenance)
+        log.info("fp32 master weights of %d trainable tensors set from their source files", n)
     return engine, optimizer, scheduler
+
+
+def fp32_master_views(model: nn.Module, cfg: Config) -> list[torch.Tensor] | None:
+    """This rank's part of the optimizer's fp32 master copy of every trainable parameter, as views the optimizer
+    updates in place (ZeRO-3 without offload); None where there is no such view (the EMA then follows the
+    parameter shards)."""
+    if cfg.deepspeed.zero_stage != 3 or cfg.deepspeed.offload_optimizer:
+        return None
+    from deepspeed.utils import safe_get_local_fp32_param
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not all(hasattr(p, "_z3_optimizer") for p in params):
+        return None
+    return [safe_get_local_fp32_param(p) for p in params]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import resource
 import signal
@@ -13,13 +14,13 @@ from pathlib import Path
 import torch
 
 from para_train.config import REPO_ROOT, Config, ConfigError, save_config
-from para_train.data.loader import build_train_loader, prepare_data
+from para_train.data.loader import build_train_loader, clean_shared_memory, prepare_data
 from para_train.inference.export import export_model
 from para_train.data.synthetic import synthetic_sample
 from para_train.sampling import grid, sample_latents, to_pil
 from para_train.tracking import code_params, create_tracker
 from para_train.training import checkpoint, engine as engine_mod, weights
-from para_train.training.distributed import DistEnv, all_reduce_sum, barrier
+from para_train.training.distributed import DistEnv, all_reduce_sum, barrier, wait_for_all
 from para_train.training.ema import ShardedEMA
 from para_train.training.memory import model_state_bytes
 
@@ -63,12 +64,15 @@ class Trainer:
         self.engine, self.optimizer, self.scheduler = engine_mod.initialize(cfg, built, ds_config)
         self.model = self.engine.module
         trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-        self.ema = ShardedEMA(trainable, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
+        self.ema = (ShardedEMA(trainable, cfg.train.ema_decay, engine_mod.fp32_master_views(self.model, cfg))
+                    if cfg.train.ema_decay > 0 else None)
+        self.init_report = built.init_report
         # Noise, timesteps, VAE sampling and caption dropout draw from this generator only (seed, stage, rank).
         self.gen = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + cfg.run.stage * 1009 + self.rank)
         empty = self.tokenizer([""], max_length=cfg.model.llm.max_length, padding="max_length", truncation=True,
                                return_tensors="pt")
         self.empty_ids, self.empty_mask = empty["input_ids"][0], empty["attention_mask"][0]
+        clean_shared_memory(cfg)
         self.loader = build_train_loader(cfg, self.tokenizer)
         self._write_shard_report()
         self.step = 0
@@ -89,7 +93,7 @@ class Trainer:
                                       env_tracking_uri=dist_env.mlflow_tracking_uri, resume_run_id=self.run_id,
                                       parent_run_id=parent, tags=tags)
         if self.step == 0:
-            self.tracker.log_params({**cfg.to_dict(), **code, "world_size": dist_env.world_size,
+            self.tracker.log_params({**cfg.to_dict(), **code, **self.init_report, "world_size": dist_env.world_size,
                                      "num_nodes": dist_env.num_nodes, **{f"params.{k}": v for k, v in self.num_params.items()}})
 
     # ------------------------------------------------------------------ set-up
@@ -122,6 +126,10 @@ class Trainer:
         if not (path / checkpoint.COMPLETE).is_file():
             raise ConfigError(f"checkpoint.resume: {path} is not a complete checkpoint (no {checkpoint.COMPLETE} "
                               "marker); name a complete one or use checkpoint.resume=auto")
+        problem = checkpoint.damage(path)
+        if problem is not None:
+            raise ConfigError(f"checkpoint.resume: {path} is damaged: {problem}; name another checkpoint or use "
+                              "checkpoint.resume=auto (the newest undamaged one)")
         return path, checkpoint.read_meta(path)
 
     def _resume(self, path: Path | None, meta: dict | None, universal: Path | None) -> None:
@@ -201,6 +209,8 @@ class Trainer:
                 self._log_samples()
             if self.step % cfg.checkpoint.every == 0 or self.step == cfg.train.steps or stop:
                 self._save_checkpoint()
+            if cfg.debug.crash_at_step == self.step and cfg.debug.crash_rank == self.rank:
+                _crash_once(self.stage_dir, self.step)
             if stop:
                 if self.rank == 0:
                     log.warning("stop requested by signal: checkpoint saved at step %d; exiting with %d so the job "
@@ -235,30 +245,33 @@ class Trainer:
                 loss = loss * float("nan")
             finite = bool(torch.isfinite(loss))
             bad = float(batch["skipped"].sum()) if "skipped" in batch else 0.0  # bad samples replaced in this batch
+            # One all-reduce for every per-step flag. The tensor lives on this rank's device: NCCL serves only
+            # CUDA tensors (gloo on the CPU), and .tolist() is then the step's one device-to-host sync.
             stats = torch.tensor([loss.item() if finite else 0.0, 0.0 if finite else 1.0, float(self._stop_signal),
-                                  float(batch["truncated"].float().mean()), bad], dtype=torch.float64)
-            all_reduce_sum(stats)
-            self._check_skip_rate(stats[4].item(), len(batch["input_ids"]) * self.env.world_size)
-            stop = stop or stats[2].item() > 0
-            if stats[1].item() > 0:  # a non-finite loss on any rank: every rank skips this update
+                                  float(batch["truncated"].float().mean()), bad], dtype=torch.float64,
+                                 device=self.device)
+            loss_sum, nonfinite, stops, trunc_sum, bad_sum = all_reduce_sum(stats).tolist()
+            self._check_skip_rate(bad_sum, len(batch["input_ids"]) * self.env.world_size)
+            stop = stop or stops > 0
+            if nonfinite > 0:  # a non-finite loss on any rank: every rank skips this update
                 self.skipped_steps += 1
                 self.consecutive_skips += 1
                 if self.rank == 0:
                     log.warning("step %d: non-finite loss on %d rank(s); update skipped (%d in a row)",
-                                self.step + 1, int(stats[1].item()), self.consecutive_skips)
+                                self.step + 1, int(nonfinite), self.consecutive_skips)
                 if self.consecutive_skips >= cfg.train.max_consecutive_skips:
                     raise NonFiniteError(f"{self.consecutive_skips} consecutive non-finite steps at step {self.step + 1}: "
                                          "lower train.lr, check the data, or resume from an earlier checkpoint")
                 continue
             self.engine.backward(loss)
             self.engine.step()
-            losses.append(stats[0].item() / self.env.world_size)
-            truncated += stats[3].item() / self.env.world_size
+            losses.append(loss_sum / self.env.world_size)
+            truncated += trunc_sum / self.env.world_size
             micro += 1
         self.consecutive_skips = 0
         grad_norm = self.engine.get_global_grad_norm()
         grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-        if not torch.isfinite(torch.tensor(grad_norm)):
+        if not math.isfinite(grad_norm):
             self.skipped_steps += 1  # DeepSpeed discarded this update (non-finite gradients)
         elif self.ema is not None:
             self.ema.update()
@@ -295,7 +308,7 @@ class Trainer:
         text = batch.get("text_embeds")  # precomputed frozen-LLM features (stage 1 only)
         if text is not None:
             text = text.to(d, self.model.unet.dtype)  # the dtype the live LLM would produce (bf16 on GPU)
-            text[drop] = self._empty_text_embeds().to(text.dtype)
+            text[drop.to(d)] = self._empty_text_embeds().to(text.dtype)
         return self.engine(latents.to(d), ids.to(d), mask.to(d), noise.to(d), t.to(d), text)
 
     def _empty_text_embeds(self) -> torch.Tensor:
@@ -337,10 +350,7 @@ class Trainer:
     def _finish(self) -> None:
         cfg = self.cfg
         final = self.stage_dir / "final"
-        ema_state = None
-        if self.ema is not None:
-            with self.ema.swapped_in():
-                ema_state = weights.gather_full(self.model, self.rank, keep=lambda n, p: p.requires_grad)
+        ema_state = self.ema.full_tensors(self.rank) if self.ema is not None else None
         if self.rank == 0 and final.exists():
             import shutil
             shutil.rmtree(final)
@@ -348,6 +358,9 @@ class Trainer:
         self._log_samples()
         barrier()
         if self.rank == 0:
+            if cfg.debug.slow_finish_s > 0:
+                log.warning("debug.slow_finish_s: the export starts in %.0f s", cfg.debug.slow_finish_s)
+                time.sleep(cfg.debug.slow_finish_s)
             if self.tracker.run_id:
                 (final / "mlflow_run_id").write_text(self.tracker.run_id + "\n")
             self.tracker.log_artifact(str(self.stage_dir / "config.yaml"))
@@ -361,6 +374,9 @@ class Trainer:
                      f"; next: deepspeed para_train/main.py --stage {nxt} run.dir={cfg.run.dir}" if nxt <= 3 else "")
             log.info("to go bigger: --config configs/stage%d_*.yaml (real-scale weights you supply), "
                      "or sbatch cluster/stage1_64nodes.sh", cfg.run.stage)
+        # No rank leaves before rank 0's export and upload are done: under Slurm, the first task to exit starts
+        # srun's --wait countdown, which would kill rank 0 in the middle of a long upload.
+        wait_for_all()
 
     def _log_samples(self) -> None:
         """Sample the fixed paragraphs (every rank: ZeRO-3 gathers the weights) and log the grid from rank 0."""
@@ -406,3 +422,12 @@ def _kill_after_engine_save(engine, root: Path, step: int) -> None:
     """Fault injection (debug.kill_in_checkpoint_at_step): die after the shards are written, before COMPLETE."""
     engine.save_checkpoint(str(root), tag=checkpoint.tag_for(step), save_latest=False)
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _crash_once(stage_dir: Path, step: int) -> None:
+    """Fault injection (debug.crash_at_step): die as a lost node does, the first time this step is reached."""
+    marker = stage_dir / f"debug_crashed_at_step_{step}"
+    if not marker.exists():
+        marker.write_text(f"{os.getpid()}\n")
+        log.warning("debug.crash_at_step: SIGKILL after step %d", step)
+        os.kill(os.getpid(), signal.SIGKILL)

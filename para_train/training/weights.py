@@ -30,12 +30,27 @@ def _module_groups(module: nn.Module, prefix: str = ""):
             yield params
 
 
+# Where each parameter's value came from: full parameter name -> (safetensors file, key). After DeepSpeed
+# builds its optimizer, the fp32 master copy is set from these files again (see `set_fp32_masters`).
+Provenance = dict[str, tuple[Path, str]]
+
+
+def _full_shape(p: torch.Tensor) -> tuple[int, ...]:
+    return tuple(getattr(p, "ds_shape", p.shape))
+
+
 @torch.no_grad()
 def copy_into(module: nn.Module, reader: WeightReader, rank: int, name_map: Callable[[str], str] = lambda n: n,
-              strict: bool = True) -> int:
-    """Copy tensors named like `module`'s parameters (through `name_map`) into it. Returns the count."""
+              strict: bool = True, record: Provenance | None = None, prefix: str = "") -> int:
+    """Copy tensors named like `module`'s parameters (through `name_map`) into it. Returns the count.
+    `record` (if given) notes each copied parameter's source under `prefix + name`."""
     missing, copied = [], 0
     for params in _module_groups(module):
+        for name, p in params:
+            key = name_map(name)
+            if key in reader and reader.shape(key) != _full_shape(p):
+                raise ValueError(f"weight {key}: shape {reader.shape(key)} in the file, {_full_shape(p)} in the "
+                                 "model; the config's architecture does not match these weights")
         sharded = [p for _, p in params if _is_sharded(p)]
         with deepspeed.zero.GatheredParameters(sharded, modifier_rank=0, enabled=bool(sharded)):
             for name, p in params:
@@ -44,24 +59,84 @@ def copy_into(module: nn.Module, reader: WeightReader, rank: int, name_map: Call
                     missing.append(key)
                     continue
                 if rank == 0 or not _is_sharded(p):
-                    src = reader.get(key)
-                    if tuple(src.shape) != tuple(p.shape):
-                        raise ValueError(f"weight {key}: shape {tuple(src.shape)} in the file, {tuple(p.shape)} in the "
-                                         "model; the config's architecture does not match these weights")
-                    p.data.copy_(src.to(p.dtype))
+                    p.data.copy_(reader.get(key).to(p.dtype))
                 copied += 1
+                if record is not None:
+                    record[prefix + name] = reader.source(key)
     if strict and missing:
         raise ValueError(f"{len(missing)} weights missing from the file, e.g. {missing[:3]}")
     return copied
 
 
+def _group(name: str) -> str:
+    """A parameter's module group for reports: down_blocks.1, mid_block, conv_in, ..."""
+    parts = name.split(".")
+    return ".".join(parts[:2]) if len(parts) > 2 and parts[1].isdigit() else parts[0]
+
+
+@torch.no_grad()
+def copy_matching(module: nn.Module, reader: WeightReader, rank: int, record: Provenance | None = None,
+                  prefix: str = "") -> dict[str, list[str]]:
+    """Copy every tensor whose name and shape match; the others keep their fresh initialisation. Returns
+    names by outcome: copied, reinitialised (in the file with another shape), fresh (not in the file),
+    dropped (in the file, not in the module). The decision reads shapes from the files' headers, so every
+    rank takes it alike (the copy itself is collective under ZeRO-3)."""
+    report: dict[str, list[str]] = {"copied": [], "reinitialised": [], "fresh": [], "dropped": []}
+    names = set()
+    for params in _module_groups(module):
+        chosen = []
+        for name, p in params:
+            names.add(name)
+            if name not in reader:
+                report["fresh"].append(name)
+            elif reader.shape(name) != _full_shape(p):
+                report["reinitialised"].append(f"{name} {list(_full_shape(p))} (file: {list(reader.shape(name))})")
+            else:
+                chosen.append((name, p))
+        if not chosen:
+            continue
+        sharded = [p for _, p in chosen if _is_sharded(p)]
+        with deepspeed.zero.GatheredParameters(sharded, modifier_rank=0, enabled=bool(sharded)):
+            for name, p in chosen:
+                if rank == 0 or not _is_sharded(p):
+                    p.data.copy_(reader.get(name).to(p.dtype))
+                report["copied"].append(name)
+                if record is not None:
+                    record[prefix + name] = reader.source(name)
+    report["dropped"] = sorted(k for k in reader.keys() if k not in names)
+    return report
+
+
+def summarize(report: dict[str, list[str]]) -> dict[str, str]:
+    """Per outcome, the count and the module groups it touched, e.g. {"reinitialised": "40: down_blocks.1 (8), ..."}."""
+    out = {}
+    for outcome, names in report.items():
+        groups: dict[str, int] = {}
+        for n in names:
+            groups[_group(n)] = groups.get(_group(n), 0) + 1
+        out[outcome] = f"{len(names)}" + (": " + ", ".join(f"{g} ({c})" for g, c in groups.items()) if groups else "")
+    return out
+
+
 @torch.no_grad()
 def gather_full(module: nn.Module, rank: int, keep: Callable[[str, torch.Tensor], bool] = lambda n, p: True,
                 prefix: str = "") -> dict[str, torch.Tensor]:
-    """Full CPU copies of the selected parameters on rank 0 (an empty dict elsewhere)."""
+    """Full CPU copies of the selected parameters on rank 0 (an empty dict elsewhere). A trainable parameter of a
+    ZeRO-3 engine comes from the optimizer's fp32 master copy (in bf16 training the parameter itself is rounded)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
     out: dict[str, torch.Tensor] = {}
     for params in _module_groups(module, prefix):
         chosen = [(n, p) for n, p in params if keep(n, p)]
+        if not chosen:
+            continue
+        masters = {n for n, p in chosen if p.requires_grad and hasattr(p, "_z3_optimizer")}
+        for name, p in chosen:
+            if name in masters:
+                full = safe_get_full_fp32_param(p)  # collective: every rank gathers the master
+                if rank == 0:
+                    out[name] = full.detach().to("cpu", torch.float32).reshape(_full_shape(p)).clone()
+        chosen = [(n, p) for n, p in chosen if n not in masters]
         if not chosen:
             continue
         sharded = [p for _, p in chosen if _is_sharded(p)]
@@ -107,38 +182,101 @@ def save_final(model: nn.Module, out: Path, rank: int, ema_state: dict[str, torc
                                                 "lora": len(lora_sd)}) + "\n")
 
 
-def load_final(model: nn.Module, folder: Path, rank: int, with_lora: bool) -> dict[str, int]:
-    """Initialise from a previous stage's final weights (collective)."""
-    counts = {}
-    with read_weights(str(folder / "unet")) as reader:
-        counts["unet"] = copy_into(model.unet, reader, rank)
-    proj = model.text_encoder.projection
-    if proj is not None and (folder / "projection.safetensors").exists():
-        with WeightReader([folder / "projection.safetensors"]) as reader:
-            counts["projection"] = copy_into(proj, reader, rank)
-    if with_lora and (folder / "lora" / "adapter_model.safetensors").exists():
-        llm = model.text_encoder.llm
-        # peft saves `base_model.model.X.lora_A.weight`; the live name is `base_model.model.X.lora_A.default.weight`.
-        with WeightReader([folder / "lora" / "adapter_model.safetensors"]) as reader:
-            lora_only = nn.ModuleDict({"m": llm})  # walk names with a fixed prefix we strip below
-            counts["lora"] = _copy_lora(lora_only, reader, rank)
+def load_init(model: nn.Module, source, rank: int, with_lora: bool, use_ema: bool,
+              record: Provenance | None = None) -> dict[str, int]:
+    """Initialise from a stage's final weights, an export or ParaDiffusion's release (a
+    `para_train.models.pretrained.InitSource`); collective. With `use_ema` and an EMA in the source, the
+    trainable tensors it holds come from the EMA. Returns what was copied, per part."""
+    ema = WeightReader([source.ema]) if use_ema and source.ema is not None else None
+    try:
+        counts = {}
+        with read_weights(str(source.unet)) as reader:
+            counts["unet"] = copy_into(model.unet, reader, rank, record=record, prefix="unet.")
+        if ema is not None:
+            counts["unet_from_ema"] = copy_into(model.unet, ema, rank, name_map=lambda n: "unet." + n, strict=False,
+                                                record=record, prefix="unet.")
+        proj = model.text_encoder.projection
+        if proj is not None and source.projection is not None:
+            with WeightReader([source.projection]) as reader:
+                counts["projection"] = copy_into(proj, reader, rank, record=record, prefix="text_encoder.projection.")
+            if ema is not None:
+                copy_into(proj, ema, rank, name_map=lambda n: "text_encoder.projection." + n, strict=False,
+                          record=record, prefix="text_encoder.projection.")
+        if with_lora and source.lora is not None:
+            llm = model.text_encoder.llm
+            with WeightReader([source.lora / "adapter_model.safetensors"]) as reader:
+                counts["lora"] = _copy_lora(llm, reader, rank, record)
+            if ema is not None:
+                _copy_lora(llm, ema, rank, record, ema_names=True)
+    finally:
+        if ema is not None:
+            ema.close()
     return counts
 
 
-def _copy_lora(wrapper: nn.Module, reader: WeightReader, rank: int) -> int:
+def _copy_lora(llm: nn.Module, reader: WeightReader, rank: int, record: Provenance | None,
+               ema_names: bool = False) -> int:
+    """peft saves `base_model.model.X.lora_A.weight` for the live `base_model.model.X.lora_A.default.weight`; a
+    causal-LM adapter (ParaDiffusion's) has one more `model.` (`base_model.model.model.X`). EMA files use the
+    model's own parameter names."""
     copied = 0
-    for params in _module_groups(wrapper):
+    for params in _module_groups(llm):
         chosen = [(n, p) for n, p in params if "lora_" in n]
         if not chosen:
             continue
+        keys = {}
+        for name, _ in chosen:
+            if ema_names:
+                keys[name] = "text_encoder.llm." + name
+                continue
+            key = name.replace(".default.", ".")
+            causal = key.replace("base_model.model.", "base_model.model.model.", 1)
+            keys[name] = key if key in reader or causal not in reader else causal
+            if keys[name] not in reader:
+                raise ValueError(f"LoRA weight {key} missing from the adapter; the LoRA settings (rank, "
+                                 "target_modules) must match the ones it was trained with")
+        chosen = [(n, p) for n, p in chosen if keys[n] in reader]
         sharded = [p for _, p in chosen if _is_sharded(p)]
         with torch.no_grad(), deepspeed.zero.GatheredParameters(sharded, modifier_rank=0, enabled=bool(sharded)):
             for name, p in chosen:
-                key = name[len("m."):].replace(".default.", ".")
-                if key not in reader:
-                    raise ValueError(f"LoRA weight {key} missing from the previous stage's adapter; the LoRA settings "
-                                     "(rank, target_modules) must match that stage's")
                 if rank == 0 or not _is_sharded(p):
-                    p.data.copy_(reader.get(key).to(p.dtype))
+                    p.data.copy_(reader.get(keys[name]).to(p.dtype))
                 copied += 1
+                if record is not None:
+                    record["text_encoder.llm." + name] = reader.source(keys[name])
     return copied
+
+
+# ------------------------------------------------------------------ the optimizer's fp32 master copy
+
+
+@torch.no_grad()
+def set_fp32_masters(model: nn.Module, record: Provenance) -> int:
+    """After deepspeed.initialize: set the fp32 master copy of every trainable parameter named in `record` from
+    its source file. DeepSpeed builds the master from the (bf16) parameters, so without this a stage would start
+    from bf16-rounded values of the previous stage's fp32 weights. Every rank reads only its own partition."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_local_fp32_param
+    from safetensors import safe_open
+
+    done = 0
+    by_file: dict[Path, list[tuple[nn.Parameter, str]]] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad and name in record:
+            path, key = record[name]
+            by_file.setdefault(path, []).append((p, key))
+    for path, items in by_file.items():
+        with safe_open(str(path), framework="pt") as f:
+            for p, key in items:
+                full = f.get_tensor(key).to(torch.float32).reshape(-1)
+                if _is_sharded(p):
+                    part = p.ds_tensor.numel()
+                    rank = torch.distributed.get_rank()
+                    local = torch.zeros(part, dtype=torch.float32)
+                    lo, hi = rank * part, min((rank + 1) * part, full.numel())
+                    if lo < hi:
+                        local[:hi - lo] = full[lo:hi]
+                    safe_set_local_fp32_param(p, local.to(p.ds_tensor.device))
+                else:
+                    safe_set_full_fp32_param(p, full.reshape(p.shape).to(p.device))
+                done += 1
+    return done
