@@ -101,6 +101,11 @@ class UNetConfig:
     # still matches are copied from the folder; the others start fresh (the log and MLflow list which).
     config: dict | None = None
     gradient_checkpointing: bool = False
+    # Keep SDXL's micro-conditioning (addition_embed_type: text_time) instead of dropping it: the UNet also gets
+    # a pooled text vector (the text features at the paragraph's last token, as Kolors pools its LLM) and the
+    # size/crop ids. Its input width becomes cross_attention_dim + 6 * addition_time_embed_dim, so the first
+    # layer of SDXL's add_embedding starts fresh and the rest is copied.
+    micro_conditioning: bool = False
 
     def __post_init__(self):
         if self.config is None:

@@ -37,8 +37,13 @@ def tee_output(path: str) -> None:
     """Copy everything this process writes to stdout and stderr into `path` as well (appending: a requeued
     attempt continues the file). `tee` ignores the signals Slurm sends the whole job step (USR1 before the
     time limit, TERM on scancel): it ends when this process does and its pipe closes."""
+    import shutil
     import signal
     import subprocess
+
+    if shutil.which("tee") is None:
+        print(f"para_train/main.py: no `tee` on PATH: not writing the rank log {path}", file=sys.stderr)
+        return
 
     def ignore_step_signals():
         for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):

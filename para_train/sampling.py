@@ -29,21 +29,27 @@ def tokenize(tokenizer, texts: list[str], max_length: int) -> tuple[torch.Tensor
 @torch.no_grad()
 def sample_latents(text_encoder, unet, tokenizer, prompts: list[str], *, max_length: int, latent_shape: tuple,
                    seed: int, steps: int = 20, guidance_scale: float = 7.5, prediction_type: str = "epsilon",
-                   num_train_timesteps: int = 1000, device="cpu", dtype=torch.float32, scheduler=None) -> torch.Tensor:
-    """`scheduler`: a diffusers scheduler to use instead of `make_scheduler(num_train_timesteps, prediction_type)`."""
+                   num_train_timesteps: int = 1000, device="cpu", dtype=torch.float32, scheduler=None,
+                   image_size: tuple[int, int] | None = None) -> torch.Tensor:
+    """`scheduler`: a diffusers scheduler to use instead of `make_scheduler(num_train_timesteps, prediction_type)`.
+    `image_size`: (height, width) in pixels, for a UNet with SDXL's size ids (default: 8x the latent size)."""
+    from para_train.models.paradiffusion import micro_conditions
+
     scheduler = scheduler if scheduler is not None else make_scheduler(num_train_timesteps, prediction_type)
     scheduler.set_timesteps(steps, device=device)
     ids, mask = tokenize(tokenizer, list(prompts), max_length)
     uids, umask = tokenize(tokenizer, [""] * len(prompts), max_length)
     ids, mask = torch.cat([uids, ids]).to(device), torch.cat([umask, mask]).to(device)
     text = text_encoder(ids, mask)
+    added = micro_conditions(unet, text, mask, image_size or (8 * latent_shape[1], 8 * latent_shape[2]))
     # One generator per image: image i depends only on (seed, i), not on the batch it is in.
     latents = torch.stack([torch.randn(latent_shape, generator=torch.Generator().manual_seed(seed + i))
                            for i in range(len(prompts))]).to(device, torch.float32)
     latents = latents * scheduler.init_noise_sigma
     for t in scheduler.timesteps:
         model_in = scheduler.scale_model_input(torch.cat([latents, latents]), t)
-        pred = unet(model_in.to(dtype), t, encoder_hidden_states=text, encoder_attention_mask=mask).sample.float()
+        pred = unet(model_in.to(dtype), t, encoder_hidden_states=text, encoder_attention_mask=mask,
+                    added_cond_kwargs=added).sample.float()
         uncond, cond = pred.chunk(2)
         guided = uncond + guidance_scale * (cond - uncond)
         latents = scheduler.step(guided, t, latents).prev_sample

@@ -83,3 +83,40 @@ def test_real_scale_configs_validate_and_build_on_meta(name, stage):
     assert 6.5e9 < n_llm < 6.8e9, n_llm  # Llama-2-7B is 6.74B; without its LM head 6.61B
     # SDXL's UNet is 2.57B at text width 2048; width 4096 widens every attn2 to_k/to_v: 2.91B.
     assert 2.5e9 < n_unet < 3.0e9, n_unet
+
+
+def test_weights_folders_are_checked_before_any_rank_starts(tmp_path):
+    """Missing folders, folders without safetensors, a UNet of another architecture and a LoRA adapter of
+    another rank are config errors that name the folder and the fix."""
+    import json
+
+    from para_train.config import TINY_UNET
+    from para_train.models.pretrained import check_model_paths
+
+    with pytest.raises(ConfigError, match="model.llm.path: /no/such/llama is not a folder on this machine; .*no downloads"):
+        check_model_paths(load_config(1, overrides=["model.llm.path=/no/such/llama"]))
+    unet = tmp_path / "sdxl" / "unet"
+    unet.mkdir(parents=True)
+    (unet / "config.json").write_text(json.dumps(TINY_UNET))
+    (unet / "diffusion_pytorch_model.bin").write_bytes(b"pickle")
+    with pytest.raises(ConfigError, match=r"model.unet.path: .*unet holds no .safetensors weights \(it has "
+                                          r"\['diffusion_pytorch_model.bin'\]: convert them to safetensors"):
+        check_model_paths(load_config(1, overrides=[f"model.unet.path={unet}"]))
+
+    final = tmp_path / "final"
+    (final / "unet").mkdir(parents=True)
+    (final / "final.json").write_text("{}")
+    (final / "unet" / "config.json").write_text(json.dumps({**TINY_UNET, "block_out_channels": [64, 128]}))
+    (final / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"the UNet in .*final/unet has another architecture \(block_out_channels: "
+                                          r"\[64, 128\] there, \[32, 64\] here\)"):
+        resolve_init_from(load_config(3, overrides=[f"checkpoint.init_from={final}"]))
+    (final / "unet" / "config.json").write_text(json.dumps(TINY_UNET))
+    (final / "lora").mkdir()
+    (final / "lora" / "adapter_config.json").write_text(json.dumps({"r": 64, "target_modules": ["q_proj", "v_proj"]}))
+    (final / "lora" / "adapter_model.safetensors").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"trained with other settings; set model.lora.rank=64 "
+                                          r'model.lora.target_modules=\["q_proj", "v_proj"\]'):
+        resolve_init_from(load_config(3, overrides=[f"checkpoint.init_from={final}"]))
+    assert resolve_init_from(load_config(3, overrides=[f"checkpoint.init_from={final}", "model.lora.rank=64",
+                                                       "model.lora.target_modules=[q_proj, v_proj]"])).kind == "final"

@@ -165,6 +165,24 @@ def test_stage1_starts_from_an_sdxl_layout_unet_with_config_overrides(dist_env, 
     tr.train()  # and it trains
     tr.close()
 
+    # ... or keeps SDXL's micro-conditioning: a pooled text vector (128 wide here) plus 6 size/crop ids
+    tr = make_trainer(dist_env, 1, tmp_path / "run_micro", cache_dir, f"model.unet.path={folder}",
+                      f"model.unet.config={json.dumps({'cross_attention_dim': 128})}", "model.unet.micro_conditioning=true",
+                      "train.steps=1")
+    assert tr.model.unet.config.addition_embed_type == "text_time"
+    assert tr.model.unet.config.projection_class_embeddings_input_dim == 128 + 6 * 8
+    unet = gathered(tr, lambda n, p: n.startswith("unet."))
+    assert unet["unet.add_embedding.linear_1.weight"].shape[1] == 176 != source["add_embedding.linear_1.weight"].shape[1]
+    assert torch.equal(unet["unet.add_embedding.linear_2.weight"], source["add_embedding.linear_2.weight"])
+    assert "add_embedding (3)" in tr.init_report["init.unet.copied"]  # linear_1.bias, linear_2.weight and .bias
+    tr.train()  # trains, samples (the sample grid goes through the same added conditions) and exports
+    tr.close()
+    from para_train.inference.pipeline import ParaDiffusionPipeline
+
+    pipe = ParaDiffusionPipeline.from_pretrained(tmp_path / "run_micro" / "stage1" / "export")
+    [image] = pipe(["A red circle on a blue background."], num_inference_steps=2, seed=0).images
+    assert image.size == (32, 32)
+
 
 def test_stage2_starts_from_a_folder_in_paradiffusions_layout(dist_env, tmp_path, cache_dir):
     """unet/ + text_encoder_lora/ (a peft adapter of the causal LM, as ParaDiffusion published its weights)."""

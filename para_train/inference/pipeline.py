@@ -75,7 +75,7 @@ class ParaDiffusionPipeline(DiffusionPipeline):
                                  max_length=self.config.max_length,
                                  latent_shape=(self.unet.config.in_channels, height // f, width // f), seed=seed,
                                  steps=num_inference_steps, guidance_scale=guidance_scale, scheduler=self.scheduler,
-                                 device=self._execution_device, dtype=self.unet.dtype)
+                                 device=self._execution_device, dtype=self.unet.dtype, image_size=(height, width))
         images = LatentEncoder(self.vae).decode(latents)
         self.maybe_free_model_hooks()
         return ImagePipelineOutput(images=to_pil(images))

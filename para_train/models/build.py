@@ -90,11 +90,24 @@ def unet_config(cfg: UNetConfig) -> dict:
         conf.update(cfg.config or {})
     else:
         conf = dict(cfg.config)
+    if cfg.micro_conditioning:
+        if conf.get("addition_embed_type") != "text_time" or not conf.get("addition_time_embed_dim"):
+            raise ConfigError("model.unet.micro_conditioning: needs a UNet with SDXL's addition_embed_type: text_time "
+                              "and an addition_time_embed_dim (e.g. SDXL's unet/ as model.unet.path); got "
+                              f"addition_embed_type={conf.get('addition_embed_type')!r}")
+        if not isinstance(conf.get("cross_attention_dim"), int):
+            raise ConfigError("model.unet.micro_conditioning: needs one cross_attention_dim (an integer)")
+        # the pooled vector has the cross-attention width
+        conf["projection_class_embeddings_input_dim"] = conf["cross_attention_dim"] + 6 * conf["addition_time_embed_dim"]
     for key, what in _UNFED.items():
+        if key == "addition_embed_type" and cfg.micro_conditioning:
+            continue
         if conf.get(key) is not None:
             raise ConfigError(f"model.unet.config.{key}: the UNet expects {what} ({key}={conf[key]!r}), which "
                               f"para-train does not feed; ParaDiffusion conditions on the LLM's token features only: "
-                              f"set model.unet.config.{key}=null (its weights are then dropped and listed in the log)")
+                              f"set model.unet.config.{key}=null (its weights are then dropped and listed in the log)"
+                              + (", or keep SDXL's micro-conditioning with model.unet.micro_conditioning=true"
+                                 if key == "addition_embed_type" else ""))
     return conf
 
 

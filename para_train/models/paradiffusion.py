@@ -52,17 +52,35 @@ class NoiseSchedule(nn.Module):
         return ac / (1 - ac)
 
 
+def micro_conditions(unet: nn.Module, text_BLD: torch.Tensor, attention_mask: torch.Tensor,
+                     image_size: tuple[int, int]) -> dict | None:
+    """SDXL's added conditions, for a UNet that takes them (addition_embed_type "text_time", kept with
+    model.unet.micro_conditioning); None otherwise. The pooled text vector is each paragraph's text feature at
+    its last real token (a left-to-right LLM has read the whole paragraph there, as Kolors pools its LLM); the
+    size and crop ids say original size = target size = the image size, no crop."""
+    if getattr(unet.config, "addition_embed_type", None) != "text_time":
+        return None
+    b = text_BLD.shape[0]
+    last = attention_mask.long().sum(1).clamp(min=1) - 1
+    pooled_BD = text_BLD[torch.arange(b, device=text_BLD.device), last.to(text_BLD.device)]
+    h, w = image_size
+    time_ids = torch.tensor([h, w, 0, 0, h, w], dtype=text_BLD.dtype, device=text_BLD.device).expand(b, 6)
+    return {"text_embeds": pooled_BD, "time_ids": time_ids}
+
+
 class ParaDiffusion(nn.Module):
-    """Everything DeepSpeed trains or shards: text encoder and UNet. The frozen VAE stays outside."""
+    """Everything DeepSpeed trains or shards: text encoder and UNet. The frozen VAE stays outside.
+    `image_size`: the training images' side in pixels (for SDXL's size ids; default 8x the latent side)."""
 
     def __init__(self, text_encoder: TextEncoder, unet: nn.Module, prediction_type: str = "epsilon",
-                 min_snr_gamma: float | None = None, num_train_timesteps: int = 1000):
+                 min_snr_gamma: float | None = None, num_train_timesteps: int = 1000, image_size: int | None = None):
         super().__init__()
         self.text_encoder = text_encoder
         self.unet = unet
         self.schedule = NoiseSchedule(num_train_timesteps)
         self.prediction_type = prediction_type
         self.min_snr_gamma = min_snr_gamma
+        self.image_size = image_size
 
     def forward(self, latents: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 noise: torch.Tensor, timesteps: torch.Tensor, text_BLD: torch.Tensor | None = None) -> torch.Tensor:
@@ -74,8 +92,11 @@ class ParaDiffusion(nn.Module):
             text_BLD = self.text_encoder.projection(text_BLD)
         a, s = self.schedule.coefficients(timesteps, latents.ndim)
         noisy = a * latents + s * noise
+        side = self.image_size or 8 * latents.shape[-1]
         pred = self.unet(noisy.to(text_BLD.dtype), timesteps, encoder_hidden_states=text_BLD,
-                         encoder_attention_mask=attention_mask).sample.float()
+                         encoder_attention_mask=attention_mask,
+                         added_cond_kwargs=micro_conditions(self.unet, text_BLD, attention_mask, (side, side))
+                         ).sample.float()
         target = noise if self.prediction_type == "epsilon" else a * noise - s * latents
         loss_B = F.mse_loss(pred, target.float(), reduction="none").mean(dim=tuple(range(1, pred.ndim)))
         if self.min_snr_gamma is not None:

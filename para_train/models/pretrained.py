@@ -94,9 +94,23 @@ def resolve_init_from(cfg: Config) -> InitSource | None:
     else:
         folder = Path(value).expanduser()
     source = init_source(folder)
+    _check_unet_matches(source, cfg)
     if source.lora is not None and cfg.model.lora.enabled:
         _check_adapter_matches(source.lora, cfg)
     return source
+
+
+def _check_unet_matches(source: InitSource, cfg: Config) -> None:
+    """The source UNet's architecture is this config's (every key both name, the sample size aside)."""
+    from para_train.models.build import unet_config
+
+    saved = {k: v for k, v in json.loads((source.unet / "config.json").read_text()).items() if not k.startswith("_")}
+    ours = unet_config(cfg.model.unet)
+    differ = [k for k in sorted(saved.keys() & ours.keys()) if k != "sample_size" and saved[k] != ours[k]]
+    if differ:
+        shown = ", ".join(f"{k}: {json.dumps(saved[k])} there, {json.dumps(ours[k])} here" for k in differ[:4])
+        raise ConfigError(f"checkpoint.init_from: the UNet in {source.unet} has another architecture ({shown}); set "
+                          f"model.unet.config to the one it was trained with (its config.json)")
 
 
 def _check_adapter_matches(adapter: Path, cfg: Config) -> None:

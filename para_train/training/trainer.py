@@ -397,7 +397,8 @@ class Trainer:
                                  latent_shape=(unet.config.in_channels, lat, lat), seed=s.seed, steps=s.steps,
                                  guidance_scale=s.guidance_scale, prediction_type=cfg.model.prediction_type,
                                  num_train_timesteps=cfg.model.num_train_timesteps, device=self.device,
-                                 dtype=unet.dtype)  # bf16 when DeepSpeed trains in bf16
+                                 dtype=unet.dtype,  # bf16 when DeepSpeed trains in bf16
+                                 image_size=(cfg.data.resolution, cfg.data.resolution))
         self.model.train()
         if self.rank != 0:
             return None
