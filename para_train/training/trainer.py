@@ -374,6 +374,7 @@ class Trainer:
                      f"; next: deepspeed para_train/main.py --stage {nxt} run.dir={cfg.run.dir}" if nxt <= 3 else "")
             log.info("to go bigger: --config configs/stage%d_*.yaml (real-scale weights you supply), "
                      "or sbatch cluster/stage1_64nodes.sh", cfg.run.stage)
+            self.tracker.close()  # the upload of the export to MLflow ends here (tracking.shutdown_timeout_s)
         # No rank leaves before rank 0's export and upload are done: under Slurm, the first task to exit starts
         # srun's --wait countdown, which would kill rank 0 in the middle of a long upload.
         wait_for_all()
