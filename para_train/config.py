@@ -187,8 +187,8 @@ class DataConfig:
     use_latents: str = "auto"
     use_text_embeds: str = "auto"
     max_skip_rate: float = 0.01  # stop when more than this fraction of samples are bad (undecodable, empty)
-    # At start-up, remove MosaicML streaming's shared memory that a killed run left on the node (all of
-    # streaming's segments on it: turn this off on nodes shared with other jobs that use streaming)
+    # At start-up, remove MosaicML streaming's shared memory that a killed run left on the node: this user's
+    # segments with streaming's names that no live process maps (live runs' segments are left alone)
     clean_shared_memory: bool = True
 
     def __post_init__(self):

@@ -68,8 +68,8 @@ def clean_shared_memory(cfg: Config) -> list[str]:
             try:
                 path.unlink()
                 removed.append(path.name)
-            except OSError:
-                pass
+            except OSError:  # removed meanwhile (another local leader on a shared machine), or not ours to remove
+                continue
         if removed:
             log.warning("removed %d stale MosaicML streaming shared-memory segments left by a killed run, e.g. %s",
                         len(removed), removed[0])

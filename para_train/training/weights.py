@@ -267,16 +267,29 @@ def set_fp32_masters(model: nn.Module, record: Provenance) -> int:
     for path, items in by_file.items():
         with safe_open(str(path), framework="pt") as f:
             for p, key in items:
-                full = f.get_tensor(key).to(torch.float32).reshape(-1)
                 if _is_sharded(p):
-                    part = p.ds_tensor.numel()
-                    rank = torch.distributed.get_rank()
-                    local = torch.zeros(part, dtype=torch.float32)
-                    lo, hi = rank * part, min((rank + 1) * part, full.numel())
-                    if lo < hi:
-                        local[:hi - lo] = full[lo:hi]
+                    local = _partition_from_file(f, key, p.ds_tensor.numel(), torch.distributed.get_rank())
                     safe_set_local_fp32_param(p, local.to(p.ds_tensor.device))
                 else:
+                    full = f.get_tensor(key).to(torch.float32)
                     safe_set_full_fp32_param(p, full.reshape(p.shape).to(p.device))
                 done += 1
     return done
+
+
+def _partition_from_file(f, key: str, part: int, rank: int) -> torch.Tensor:
+    """Elements [rank * part, (rank + 1) * part) of the flattened tensor `key` (ZeRO-3's partition, zero-padded
+    past the end), reading only the rows of the file that hold them."""
+    sl = f.get_slice(key)
+    shape = sl.get_shape()
+    numel = 1
+    for d in shape:
+        numel *= d
+    row = numel // shape[0] if shape and shape[0] else 1
+    local = torch.zeros(part, dtype=torch.float32)
+    lo, hi = rank * part, min((rank + 1) * part, numel)
+    if lo < hi:
+        r0, r1 = lo // row, -(-hi // row)
+        rows = (sl[r0:r1] if shape else f.get_tensor(key)).to(torch.float32).reshape(-1)
+        local[:hi - lo] = rows[lo - r0 * row:hi - r0 * row]
+    return local
