@@ -37,7 +37,7 @@ def measure_engine(cfg, env) -> dict:
     model = engine.module
     ema = ShardedEMA([(n, p) for n, p in model.named_parameters() if p.requires_grad], cfg.train.ema_decay) \
         if cfg.train.ema_decay > 0 else None
-    b, L, lat = cfg.train.micro_batch_size, cfg.model.llm.max_length, cfg.data.resolution // 8
+    b, L, lat = cfg.train.micro_batch_size, cfg.model.llm.max_length, cfg.data.resolution // built.latent_encoder.downsample
     g = torch.Generator().manual_seed(env.rank)
     latents = torch.randn(b, model.unet.config.in_channels, lat, lat, generator=g)
     ids = torch.randint(0, 100, (b, L), generator=g)

@@ -102,7 +102,7 @@ def common_args(run_dir, cache_dir, tracking_uri: str | None):
     """`tracking_uri` None: tracking off."""
     tracking = [f"tracking.uri={tracking_uri}", "tracking.log_every=1"] if tracking_uri else ["tracking.enabled=false"]
     return [f"run.dir={run_dir}", f"data.cache_dir={cache_dir}", "data.synthetic_samples=96", "train.log_every=1",
-            "sample.num_images=2", "sample.steps=3", *tracking]
+            "sample.num_images=2", "sample.steps=3", "eval.every=0", *tracking]
 
 
 STAGE1_TRAINING = [f"train.steps={STEPS}", "checkpoint.every=3",
@@ -111,7 +111,12 @@ STAGE1_TRAINING = [f"train.steps={STEPS}", "checkpoint.every=3",
 
 
 def stage1_args(run_dir, cache_dir, tracking_uri):
-    return common_args(run_dir, cache_dir, tracking_uri) + STAGE1_TRAINING + ["tracking.sample_every=5"]
+    return common_args(run_dir, cache_dir, tracking_uri) + STAGE1_TRAINING + ["tracking.sample_every=5", *VALIDATION]
+
+
+# Validation in the shared run's stage 1, at steps 5 and 10: sharded over both ranks, and (test_distributed) the same
+# after a SIGKILL and resume
+VALIDATION = ["eval.every=5", "eval.num_samples=6", "eval.num_images=2", "eval.sample_steps=3"]
 
 
 @pytest.fixture(scope="session")

@@ -25,7 +25,7 @@ SHELL_SCRIPTS = [*TEMPLATES, CLUSTER / "launch.sh", CLUSTER / "local_slurm.sh", 
 STAGE1 = CLUSTER / "stage1_64nodes.sh"
 # The shared 2-rank run's stage-1 training settings (conftest), so that its losses are the reference.
 TRAINING = " ".join(["data.synthetic_samples=96", "train.log_every=1", "sample.num_images=0", "tracking.enabled=false",
-                     "data.num_canonical_nodes=1",  # the shuffle of one node, as in the local run
+                     "eval.every=0", "data.num_canonical_nodes=1",  # the shuffle of one node, as in the local run
                      *STAGE1_TRAINING])
 
 

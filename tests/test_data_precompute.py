@@ -48,7 +48,7 @@ def test_precomputed_columns_equal_what_the_model_computes(shards, cache_dir):
     pixels = torch.stack([decode_image(g["image"], 32) for g in good[:4]])
     expected = encoder.encode(pixels, generator=torch.Generator().manual_seed(cfg.run.seed))  # the first batch
     got = torch.from_numpy(np.stack([s["latents"] for s in stored[:4]])).float()
-    assert got.shape == (4, 4, 4, 4)
+    assert got.shape == (4, 4, 16, 16)  # the tiny VAE: 32 px -> 16x16x4
     torch.testing.assert_close(got, expected, atol=2e-3 * expected.abs().max().item(), rtol=1e-3)
 
     text, tokenizer = build_text_encoder(cfg, torch.device("cpu"), torch.float32)
@@ -63,7 +63,7 @@ def test_the_loader_uses_precomputed_columns_and_refuses_stale_ones(shards, cach
     root, _, _ = shards
     pre = f"data.remote={root / 'pre'}"
     batch = next(iter(build_train_loader(cfg_for(1, cache_dir, pre), _tokenizer(cache_dir))))
-    assert "pixels" not in batch and batch["latents"].shape == (4, 4, 4, 4)
+    assert "pixels" not in batch and batch["latents"].shape == (4, 4, 16, 16)
     assert batch["text_embeds"].shape == (4, MAX_LEN, 128)
     for emb, mask in zip(batch["text_embeds"], batch["attention_mask"]):
         n = int(mask.sum())
@@ -77,9 +77,14 @@ def test_the_loader_uses_precomputed_columns_and_refuses_stale_ones(shards, cach
         build_train_loader(cfg_for(1, cache_dir, f"data.remote={root / 'pairs'}", "data.use_latents=always"),
                            _tokenizer(cache_dir))
     with pytest.raises(DataError, match="do not fit data.resolution=64"):
-        next(iter(build_train_loader(cfg_for(1, cache_dir, pre, "data.resolution=64"), _tokenizer(cache_dir))))
+        next(iter(build_train_loader(cfg_for(1, cache_dir, pre, "data.resolution=64"), _tokenizer(cache_dir),
+                                     latent_side=64 // _vae_downsample(cache_dir))))
     with pytest.raises(ConfigError, match="only be precomputed for stage 1"):
         precompute(str(root / "pairs"), str(root / "never"), cfg_for(2, cache_dir), text_embeds=True, progress=False)
+
+
+def _vae_downsample(cache_dir) -> int:
+    return LatentEncoder(load_vae(resolve_vae_path("tiny", cache_dir))).downsample
 
 
 def _tokenizer(cache_dir):

@@ -64,6 +64,9 @@ def test_runs_are_tracked_in_mlflow(three_stages, mlflow_server, tmp_path):
                           check=True).stdout.strip()
     assert params["git.revision"] == run.data.tags["mlflow.source.git.commit"] == head
     assert run.data.tags["stage"] == "1"
+    val = client.get_metric_history(stage1_id, "val/loss")  # validation sharded over both ranks, at 5 and the end
+    assert [(m.step, m.value) for m in sorted(val, key=lambda m: m.step)] == \
+        [(r["step"], r["val/loss"]) for r in read_metrics(run_dir / "stage1") if "val/loss" in r]
     history = client.get_metric_history(stage1_id, "loss")
     assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == \
         [(r["step"], r["loss"]) for r in read_metrics(run_dir / "stage1")]
@@ -91,6 +94,9 @@ def test_sigkill_and_resume_reproduce_the_uninterrupted_losses(three_stages, tmp
 
     run_dir, _ = three_stages
     expected = [(r["step"], r["loss"]) for r in read_metrics(run_dir / "stage1")]
+    expected_val = [{k: v for k, v in r.items() if k == "step" or k.startswith("val/")} for r in read_metrics(
+        run_dir / "stage1") if "val/loss" in r]
+    assert [r["step"] for r in expected_val] == [5, 10]
     args = stage1_args(tmp_path, cache_dir, mlflow_server.uri)
     stage_dir = tmp_path / "stage1"
 
@@ -120,6 +126,10 @@ def test_sigkill_and_resume_reproduce_the_uninterrupted_losses(three_stages, tmp
     assert "resumed from" in log and "step_00000003" in log
     got = [(r["step"], r["loss"]) for r in read_metrics(stage_dir)]
     assert got == expected  # exact: same data order, noise, dropout and optimizer state
+    # the validation curve is continuous: step 5's point (first made before the crash at 6, then by the resumed
+    # attempts) and step 10's equal the uninterrupted run's
+    assert [{k: v for k, v in r.items() if k == "step" or k.startswith("val/")} for r in read_metrics(stage_dir)
+            if "val/loss" in r] == expected_val
     # ...and all three attempts logged into one MLflow run, each step exactly once
     run_id = (stage_dir / "final" / "mlflow_run_id").read_text().strip()
     steps = sorted(m.step for m in MlflowClient(mlflow_server.uri).get_metric_history(run_id, "loss"))

@@ -22,7 +22,7 @@ def make_trainer(dist_env, stage, run_dir, cache_dir, *overrides):
 
     cfg = load_config(stage, overrides=[f"run.dir={run_dir}", f"data.cache_dir={cache_dir}", "data.synthetic_samples=64",
                                         "sample.num_images=2", "sample.steps=3", "tracking.enabled=false",
-                                        "checkpoint.every=1000", *overrides])
+                                        "checkpoint.every=1000", "eval.every=0", *overrides])
     return Trainer(cfg, dist_env)
 
 
@@ -268,3 +268,23 @@ def test_llm_leaf_modules_are_refused_while_lora_trains(dist_env, tmp_path, cach
     with pytest.raises(ConfigError, match=r"deepspeed.leaf_modules: \['LlamaDecoderLayer'\] are LLM modules"):
         make_trainer(dist_env, 2, tmp_path, cache_dir, "deepspeed.leaf_modules=[LlamaDecoderLayer]",
                      "checkpoint.init_from=none")
+
+
+def test_the_ema_decay_warms_up_as_diffusers_does():
+    """min(decay, (1 + n) / (10 + n)) at the n-th update (diffusers' EMAModel): a short stage's EMA follows its
+    training instead of staying near its first weights; a resumed EMA continues the warm-up where it stopped."""
+    from para_train.training.ema import ShardedEMA
+
+    p = torch.nn.Parameter(torch.zeros(3))
+    ema = ShardedEMA([("w", p)], decay=0.999)
+    expected = torch.zeros(3)
+    for n in range(50):
+        p.data.fill_(float(n + 1))
+        d = 0.0 if n == 0 else min(0.999, (1 + n) / (10 + n))
+        expected = d * expected + (1 - d) * p.data
+        ema.update()
+    torch.testing.assert_close(ema.shadow[0], expected)
+    assert ema.shadow[0][0] > 0.75 * 50  # a flat 0.999 would leave it near 1.2
+    resumed = ShardedEMA([("w", p)], decay=0.999)
+    resumed.load_state_dict(ema.state_dict())
+    assert resumed.updates == 50 and resumed.current_decay() == ema.current_decay() == min(0.999, 51 / 60)

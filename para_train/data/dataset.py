@@ -106,11 +106,12 @@ class ParagraphImageDataset(StreamingDataset):
 
     def __init__(self, *, tokenizer, max_length: int, resolution: int, crop: str = "center", flip: bool = False,
                  augment_seed: int = 0, use_latents: str = "never", use_text_embeds: str = "never",
-                 llm_trains: bool = False, **streaming_kwargs):
+                 llm_trains: bool = False, latent_side: int | None = None, **streaming_kwargs):
         super().__init__(**streaming_kwargs)
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.resolution = resolution
+        self.latent_side = latent_side  # precomputed latents must be this many latents wide (None: unchecked)
         self.crop, self.flip, self.augment_seed = crop, flip, augment_seed
         self.use_latents = self._choose_precomputed(use_latents, "latents", "use_latents")
         self.use_text_embeds = self._choose_precomputed(use_text_embeds, "text_embeds", "use_text_embeds")
@@ -223,7 +224,8 @@ class ParagraphImageDataset(StreamingDataset):
 
     def _latents(self, raw: dict) -> torch.Tensor:
         latents = torch.from_numpy(np.asarray(raw["latents"], dtype=np.float32))
-        if latents.ndim != 3 or latents.shape[-1] * 8 != self.resolution or latents.shape[-2] * 8 != self.resolution:
+        side = self.latent_side
+        if latents.ndim != 3 or (side is not None and tuple(latents.shape[-2:]) != (side, side)):
             raise DataError(f"sample {raw['sample_id']}: precomputed latents of shape {tuple(latents.shape)} do not "
                             f"fit data.resolution={self.resolution}; precompute again at this resolution or set "
                             "data.use_latents=never")
@@ -251,11 +253,11 @@ def build_loader(*, streams: list[Stream], tokenizer, max_length: int, resolutio
                  shuffle: bool, seed: int, num_workers: int, crop: str = "center", flip: bool = False,
                  use_latents: str = "never", use_text_embeds: str = "never", llm_trains: bool = False,
                  epoch_size: int | None = None, cache_limit: str | None = None,
-                 num_canonical_nodes: int | None = None) -> StreamingDataLoader:
+                 num_canonical_nodes: int | None = None, latent_side: int | None = None) -> StreamingDataLoader:
     try:
         dataset = ParagraphImageDataset(
             tokenizer=tokenizer, max_length=max_length, resolution=resolution, crop=crop, flip=flip, augment_seed=seed,
-            use_latents=use_latents, use_text_embeds=use_text_embeds, llm_trains=llm_trains, streams=streams,
+            use_latents=use_latents, use_text_embeds=use_text_embeds, llm_trains=llm_trains, latent_side=latent_side, streams=streams,
             shuffle=shuffle, shuffle_seed=seed, batch_size=batch_size, epoch_size=epoch_size, cache_limit=cache_limit,
             num_canonical_nodes=num_canonical_nodes)
     except ValueError as e:

@@ -122,14 +122,16 @@ def build_streams(cfg: Config) -> list[ShardStream]:
             for (local, remote), (proportion, repeat, choose) in zip(stream_locations(cfg), weights)]
 
 
-def build_train_loader(cfg: Config, tokenizer):
+def build_train_loader(cfg: Config, tokenizer, latent_side: int | None = None):
+    """`latent_side`: the side of the VAE's latents at data.resolution, which precomputed latents must match."""
     d = cfg.data
     return build_loader(streams=build_streams(cfg), tokenizer=tokenizer, max_length=cfg.model.llm.max_length,
                         resolution=d.resolution, batch_size=cfg.train.micro_batch_size, shuffle=d.shuffle,
                         seed=cfg.run.seed, num_workers=d.num_workers, crop=d.crop, flip=d.flip,
                         use_latents=d.use_latents, use_text_embeds=d.use_text_embeds,
                         llm_trains=cfg.model.lora.enabled, epoch_size=d.epoch_size,
-                        cache_limit=cache_limit(cfg), num_canonical_nodes=d.num_canonical_nodes)
+                        cache_limit=cache_limit(cfg), num_canonical_nodes=d.num_canonical_nodes,
+                        latent_side=latent_side)
 
 
 def open_shards(path: str, cache_dir: Path, validate_hash: str | None = "xxh64"):

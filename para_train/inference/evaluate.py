@@ -9,11 +9,26 @@ examples:
 The evaluation set is fixed by --eval-seed: synthetic scenes (coloured shapes in a 3x3 grid) whose
 paragraphs come in three lengths, so that every length bucket fills: one object in 40-55 words, up to
 five objects in 110-200 words, up to five in 260-400 words. Each image is generated from its paragraph
-(image i with seed + i) and scored against the scene record: per object present / right colour /
-right shape / right region (see para_train/inference/faithfulness.py), faithfulness being their mean.
-Scores are reported overall, by paragraph length in tokens of the model's tokenizer (<= 77, 78-256,
-> 256) and by the token at which the object's description starts (before token 77, the most a CLIP
-text encoder reads, or after it). With --compare both models get the same paragraphs and seeds.
+(image i with seed + i) and scored against the scene record (para_train/inference/faithfulness.py),
+per object:
+
+    faithfulness   the rate of `correct`: a solid patch of the object's colour, of a size plausible for its
+                   size, is centred inside its cell of the 3x3 grid and its outline fits its shape best; all
+                   of it at once, not a mean of separate checks (noise, blank images: 0; another scene's
+                   image: about 0.01; ground-truth renderings: about 0.98)
+    colour_region  the rate of the patch of the right colour in the right cell, whatever its shape
+                   ("drawn in the right colour in the right place"; chance for another scene's image ~0.02)
+    shape          the rate of the object's patch having the described shape (the colour_region patch,
+                   else any object-coloured patch near the cell)
+    present        the rate of some solid object-coloured patch centred in or near the cell (a diagnostic)
+
+and per image `background` (overall only): the rate of images whose background is flat and of the
+described colour (chance 1/4). Scores are reported overall, by paragraph length in tokens of the
+model's tokenizer (<= 77, 78-256, > 256) and by the token at which the object's description starts
+(before token 77, the most a CLIP text encoder reads, or after it); a summary group holds "objects"
+(its count), "faithfulness" and each of faithfulness.CHECKS (present, colour_region, shape, correct),
+overall also "background" and "images"; MLflow gets them as eval/<group>/<key>. With --compare both
+models get the same paragraphs and seeds.
 
 Writes OUT/scores.json (summaries, per-prompt details and settings), OUT/<label>/images/, and
 OUT/side_by_side.png (ground truth | model | compared model, first 16 paragraphs). --mlflow logs each
@@ -39,6 +54,8 @@ log = logging.getLogger(__name__)
 
 CLIP_TOKENS = 77
 SHOW_SIDE = 128
+# printed per group: the headline, the checks it is made of and the diagnostic (correct is faithfulness itself)
+TABLE_KEYS = ("faithfulness", *(c for c in CHECKS if c != "correct"), "background")
 
 
 @dataclass(frozen=True)
@@ -100,7 +117,8 @@ def description_starts(tokenizer, item: EvalPrompt) -> list[int]:
 
 
 def score_items(items: list[EvalPrompt], images: list, tokenizer) -> list[dict]:
-    """Per prompt: its token count, and per object its attributes, the four checks and where its description starts."""
+    """Per prompt: its token count and background check, and per object its attributes, its checks
+    (faithfulness.CHECKS) and where its description starts."""
     rows = []
     for item, image in zip(items, images, strict=True):
         scored = score_image(image, item.scene)
@@ -116,11 +134,12 @@ def _rates(objects: list[dict]) -> dict:
     if not objects:
         return {"objects": 0}
     rates = {c: sum(o["checks"][c] for o in objects) / len(objects) for c in CHECKS}
-    return {"objects": len(objects), **rates, "faithfulness": sum(rates.values()) / len(CHECKS)}
+    return {"objects": len(objects), "faithfulness": rates["correct"], **rates}
 
 
 def summarize(rows: list[dict]) -> dict:
-    """Check rates (and faithfulness, their mean) overall, by paragraph length and by description position."""
+    """Per group (overall, by paragraph length, by description position): the number of objects, faithfulness
+    (the rate of `correct`) and each check's rate; overall also the background rate and the number of images."""
     every = [(row, o) for row in rows for o in row["objects"]]
     groups = {"overall": [o for _, o in every]}
     for name, (lo, hi) in LENGTH_GROUPS.items():
@@ -223,7 +242,7 @@ def _table(results: dict) -> str:
     labels = list(results)
     lines = [f"{'':32}" + "".join(f"{label:>10}" for label in labels) + ("     delta" if len(labels) == 2 else "")]
     for group in results[labels[0]]["summary"]:
-        for key in ("faithfulness", *CHECKS):
+        for key in TABLE_KEYS:
             values = [results[label]["summary"][group].get(key) for label in labels]
             if values[0] is None:
                 continue

@@ -90,6 +90,11 @@ class ParaDiffusion(nn.Module):
             text_BLD = self.text_encoder(input_ids, attention_mask)
         elif self.text_encoder.projection is not None:
             text_BLD = self.text_encoder.projection(text_BLD)
+        return self.denoising_loss(latents, attention_mask, noise, timesteps, text_BLD).mean()
+
+    def denoising_loss(self, latents: torch.Tensor, attention_mask: torch.Tensor, noise: torch.Tensor,
+                       timesteps: torch.Tensor, text_BLD: torch.Tensor, weighted: bool = True) -> torch.Tensor:
+        """Per-sample loss given the text features; `weighted=False` leaves out min-SNR weighting (validation)."""
         a, s = self.schedule.coefficients(timesteps, latents.ndim)
         noisy = a * latents + s * noise
         side = self.image_size or 8 * latents.shape[-1]
@@ -99,12 +104,12 @@ class ParaDiffusion(nn.Module):
                          ).sample.float()
         target = noise if self.prediction_type == "epsilon" else a * noise - s * latents
         loss_B = F.mse_loss(pred, target.float(), reduction="none").mean(dim=tuple(range(1, pred.ndim)))
-        if self.min_snr_gamma is not None:
+        if weighted and self.min_snr_gamma is not None:
             snr = self.schedule.snr(timesteps)
             clipped = torch.clamp(snr, max=self.min_snr_gamma)
             weight = clipped / snr if self.prediction_type == "epsilon" else clipped / (snr + 1)
             loss_B = loss_B * weight
-        return loss_B.mean()
+        return loss_B
 
 
 class LatentEncoder(nn.Module):
@@ -115,6 +120,7 @@ class LatentEncoder(nn.Module):
         self.vae = vae.requires_grad_(False).eval()
         self.scaling_factor = float(vae.config.scaling_factor)
         self.shift_factor = float(getattr(vae.config, "shift_factor", None) or 0.0)
+        self.downsample = 2 ** (len(vae.config.block_out_channels) - 1)  # pixels per latent, along each side
 
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

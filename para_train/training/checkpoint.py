@@ -228,7 +228,8 @@ def load_resharded(engine, path: Path, universal: Path, rank: int, old_world_siz
     state["ema_full"] = None
     if old[0]["ema"] is not None:
         names = old[0]["ema"]["names"]
-        state["ema_full"] = {"names": names, "shards": [[o["ema"]["shadow"][i] for o in old] for i in range(len(names))]}
+        state["ema_full"] = {"names": names, "updates": old[0]["ema"].get("updates", 10 ** 9),
+                             "shards": [[o["ema"]["shadow"][i] for o in old] for i in range(len(names))]}
     return state
 
 
@@ -253,4 +254,4 @@ def reshard_ema(ema_full: dict, ema) -> dict:
                 out[a - lo:b - lo] = old[a - offset:b - offset]
             offset += old.numel()
         shadow.append(out.reshape(local.shape))
-    return {"decay": ema.decay, "names": ema.names, "shadow": shadow}
+    return {"decay": ema.decay, "updates": ema_full["updates"], "names": ema.names, "shadow": shadow}

@@ -180,6 +180,10 @@ def build_model(cfg: Config, dist_env: DistEnv, ds_config: dict) -> Built:
         log.info("ZeRO-3 gathers %d blocks whole (deepspeed.leaf_modules)", len(leaves))
 
     vae = build.load_vae(build.resolve_vae_path(m.vae.path, cache))
+    factor = LatentEncoder(vae).downsample * 2 ** (len(unet.config.block_out_channels) - 1)
+    if cfg.data.resolution % factor:
+        raise ConfigError(f"data.resolution={cfg.data.resolution}: the VAE and the UNet downsample by {factor} together; "
+                          f"use a multiple of {factor}")
     if dist_env.use_cuda:
         vae = vae.to(f"cuda:{dist_env.local_rank}", torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32)
     counts = {"trainable": sum(_numel(p) for p in model.parameters() if p.requires_grad),

@@ -23,6 +23,7 @@ from para_train.training import checkpoint, engine as engine_mod, weights
 from para_train.training.distributed import DistEnv, all_reduce_sum, barrier, wait_for_all
 from para_train.training.ema import ShardedEMA
 from para_train.training.memory import model_state_bytes
+from para_train.training.validation import Validator, held_out_set
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +74,9 @@ class Trainer:
                                return_tensors="pt")
         self.empty_ids, self.empty_mask = empty["input_ids"][0], empty["attention_mask"][0]
         clean_shared_memory(cfg)
-        self.loader = build_train_loader(cfg, self.tokenizer)
+        self.loader = build_train_loader(cfg, self.tokenizer, cfg.data.resolution // self.latent_encoder.downsample)
         self._write_shard_report()
+        self.validator = self._make_validator()
         self.step = 0
         self.skipped_steps = 0
         self.skipped_samples = self.samples_read = 0.0
@@ -115,6 +117,18 @@ class Trainer:
         elif self.rank == 0:
             log.info("ZeRO-%d: this rank holds %.2fM of %.2fM parameter elements", self.cfg.deepspeed.zero_stage,
                      report["local_numel"] / 1e6, report["total_numel"] / 1e6)
+
+    def _make_validator(self) -> Validator | None:
+        cfg = self.cfg
+        if cfg.eval.every == 0:
+            return None
+        held = held_out_set(cfg)
+        if held is None:
+            if self.rank == 0:
+                log.warning("no validation: the data are not the synthetic default and eval.remote is not set; point "
+                            "eval.remote at held-out MDS shards for val/loss, or set eval.every=0 to say so")
+            return None
+        return Validator(cfg, held, self.tokenizer, self.latent_encoder, self.device, self.rank, self.env.world_size)
 
     def _find_resume(self) -> tuple[Path | None, dict | None]:
         c = self.cfg.checkpoint
@@ -202,7 +216,11 @@ class Trainer:
             if self.rank == 0:
                 now = time.perf_counter()
                 metrics["samples_per_s"] = samples_since / (now - t_last)
-                t_last, samples_since = now, 0
+                samples_since = 0
+            if self.validator is not None and (self.step % cfg.eval.every == 0 or self.step == cfg.train.steps):
+                metrics.update(self._validate())  # before the step's checkpoint: a resume never skips a validation
+            if self.rank == 0:
+                t_last = time.perf_counter()  # the next step's throughput leaves the validation out
                 self._log(metrics, t_start, start_step)
             every = cfg.tracking.sample_every
             if every and self.step % every == 0 and self.step < cfg.train.steps:  # the last step samples in _finish
@@ -282,6 +300,17 @@ class Trainer:
                    "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
         return metrics, stop
 
+    def _validate(self) -> dict[str, float]:
+        t0 = time.perf_counter()
+        val = self.validator.run(self.model)
+        if self.rank == 0:
+            faith = {k.rsplit("/", 1)[1]: v for k, v in val.items() if k.startswith("val/faithfulness/")}
+            log.info("step %d validation (%.1f s): val/loss %.4f (%s)%s", self.step, time.perf_counter() - t0,
+                     val["val/loss"], ", ".join(f"t={k.split('_t')[1]} {v:.4f}" for k, v in val.items()
+                                               if k.startswith("val/loss_t")),
+                     "; faithfulness " + ", ".join(f"{k} {v:.3f}" for k, v in faith.items()) if faith else "")
+        return val
+
     def _check_skip_rate(self, bad: float, good: int) -> None:
         self.skipped_samples += bad
         self.samples_read += bad + good
@@ -332,7 +361,8 @@ class Trainer:
             log.info("step %d/%d  loss %.4f  lr %.2e  grad %.3f  %.1f samples/s  ETA %s", self.step, cfg.train.steps,
                      metrics["loss"], metrics["lr"], metrics["grad_norm"], metrics["samples_per_s"],
                      time.strftime("%H:%M:%S", time.gmtime(eta)))
-        if self.step % cfg.tracking.log_every == 0 or self.step == cfg.train.steps:
+        if (self.step % cfg.tracking.log_every == 0 or self.step == cfg.train.steps
+                or any(k.startswith("val/") for k in metrics)):  # no validation point is left out of MLflow
             self.tracker.log_metrics(metrics, self.step)
 
     def _save_checkpoint(self) -> None:
@@ -392,7 +422,7 @@ class Trainer:
         prompts = s.prompts or [synthetic_sample(10_000 + cfg.data.synthetic_seed, i).caption for i in range(s.num_images)]
         self.model.eval()
         unet = self.model.unet
-        lat = cfg.data.resolution // 8
+        lat = cfg.data.resolution // self.latent_encoder.downsample
         latents = sample_latents(self.model.text_encoder, unet, self.tokenizer, prompts,
                                  max_length=cfg.model.llm.max_length,
                                  latent_shape=(unet.config.in_channels, lat, lat), seed=s.seed, steps=s.steps,
