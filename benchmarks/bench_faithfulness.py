@@ -11,7 +11,8 @@ chart OUT/faithfulness.png, and states the budget and the machine.
     python benchmarks/bench_faithfulness.py --steps 1500 --out bench-out/faithfulness     # ~25 min per arm, 2 CPUs
     python benchmarks/bench_faithfulness.py --steps 2 --num-prompts 6 --sample-steps 2   # smoke (tests)
 
-Extra `key=value` arguments are config overrides applied to both arms (e.g. train.lr=5e-4).
+Extra `key=value` arguments are config overrides applied to both arms (e.g. train.lr=5e-4). Run again with the
+same --out, an arm resumes from its last checkpoint (a finished arm is only exported and evaluated again).
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ def train_arm(out: Path, max_length: int, args) -> tuple[Path, float]:
 
     cfg = load_config(1, overrides=[f"run.dir={out}", f"data.cache_dir={args.cache_dir}", f"train.steps={args.steps}",
                                     f"model.llm.max_length={max_length}", "tracking.enabled=false",
-                                    f"checkpoint.every={max(args.steps, 1)}", "checkpoint.resume=never",
+                                    f"checkpoint.every={max(args.steps, 1)}",
                                     "eval.every=0", *args.overrides])
     t0 = time.perf_counter()
     trainer = Trainer(cfg, _env())
@@ -53,7 +54,7 @@ def evaluate_arm(export: Path, items, tokenizer, args) -> dict:
     from para_train.inference.evaluate import evaluate
     from para_train.inference.pipeline import load_pipeline
 
-    pipe = load_pipeline(export, "cpu", "float32")
+    pipe = load_pipeline(export, "cpu", "fp32")
     _, rows, summary = evaluate(pipe, items, seed=0, steps=args.sample_steps, guidance_scale=args.guidance_scale,
                                 batch_size=8, tokenizer=tokenizer, progress=False)
     return {"summary": summary, "rows": rows}
@@ -133,7 +134,7 @@ def main(argv=None) -> int:
         if tokenizer is None:
             from para_train.inference.pipeline import load_pipeline
 
-            tokenizer = load_pipeline(export, "cpu", "float32").tokenizer  # positions counted alike for both
+            tokenizer = load_pipeline(export, "cpu", "fp32").tokenizer  # positions counted alike for both
         results[arm] = evaluate_arm(export, items, tokenizer, args)
     machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, CPU"
     title = (f"{args.steps} steps per arm (micro batch from the default config), {args.num_prompts} held-out paragraphs, "

@@ -335,7 +335,8 @@ class EvalConfig:
         _check(self.num_samples >= 1, "eval.num_samples", "must be >= 1")
         _check(len(self.timesteps) > 0, "eval.timesteps", "list at least one timestep, e.g. [100, 500, 900]")
         _check(0 <= self.num_images <= self.num_samples, "eval.num_images",
-               f"must be in 0..eval.num_samples ({self.num_samples}), got {self.num_images}")
+               f"must be in 0..eval.num_samples ({self.num_samples}), got {self.num_images}: the images are sampled "
+               "from the held-out pairs; lower eval.num_images or raise eval.num_samples")
         _check(self.sample_steps >= 1, "eval.sample_steps", "must be >= 1")
 
 

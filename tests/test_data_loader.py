@@ -190,3 +190,21 @@ def test_shared_memory_left_by_a_killed_run_is_cleaned_at_start_up(bad_data, tmp
     assert stale <= set(removed) and not stale & set(os.listdir("/dev/shm"))
     assert mine <= set(os.listdir("/dev/shm")) and not mine & set(removed)
     del live
+
+
+def test_validation_reads_held_out_shards_with_real_data(tmp_path, cache_dir):
+    """eval.remote: the first eval.num_samples pairs of held-out MDS shards, decoded at data.resolution; real data
+    without it: no validation set (the trainer says so); the synthetic default: evaluate's scenes."""
+    from para_train.data.shards import synthetic_samples, write_shards
+    from para_train.training.validation import held_out_set
+
+    write_shards(list(synthetic_samples(seed=9, num_samples=5)), str(tmp_path / "val"))
+    write_shards(list(synthetic_samples(seed=8, num_samples=5)), str(tmp_path / "train"))
+    base = [f"data.cache_dir={cache_dir}", f"data.remote={tmp_path / 'train'}"]
+    held = held_out_set(load_config(1, overrides=[*base, f"eval.remote={tmp_path / 'val'}", "eval.num_samples=3",
+                                          "eval.num_images=2"]))
+    assert held.pixels.shape == (3, 3, 32, 32) and held.scenes is None
+    assert held.captions == [s["caption"] for s in list(synthetic_samples(seed=9, num_samples=3))]
+    assert held_out_set(load_config(1, overrides=base)) is None
+    synthetic = held_out_set(load_config(1, overrides=[f"data.cache_dir={cache_dir}", "eval.num_samples=4"]))
+    assert len(synthetic.scenes) == 4 and synthetic.pixels.shape == (4, 3, 32, 32)

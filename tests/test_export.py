@@ -102,7 +102,7 @@ te = json.loads((out / "text_encoder" / "text_encoder.json").read_text())
 from para_train.models.paradiffusion import LatentEncoder, TextEncoder
 from para_train.sampling import sample_latents, to_pil
 text_encoder = TextEncoder(llm, te["layer"], projection).eval()
-side = index["resolution"] // 8
+side = index["resolution"] // 2 ** (len(vae.config.block_out_channels) - 1)  # the VAE's downsampling
 latents = sample_latents(text_encoder, unet, tokenizer, s["prompts"], max_length=index["max_length"],
                          latent_shape=(unet.config.in_channels, side, side), seed=s["seed"], steps=s["steps"],
                          guidance_scale=s["guidance_scale"], scheduler=scheduler)

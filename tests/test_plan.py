@@ -20,7 +20,8 @@ MID_UNET = dict(sample_size=16, in_channels=4, out_channels=4, block_out_channel
                 use_linear_projection=True, norm_num_groups=32)
 MID_LLAMA = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
                  num_key_value_heads=4, vocab_size=1000)
-MID_VAE = dict(TINY_VAE, block_out_channels=[32, 64, 128, 128], layers_per_block=2)
+MID_VAE = dict(TINY_VAE, block_out_channels=[32, 64, 128, 128], layers_per_block=2, mid_block_add_attention=True,
+               down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4)  # SD-like: 8x
 LORA = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
