@@ -22,6 +22,7 @@ import logging
 import os
 import platform
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -101,7 +102,7 @@ def chart(results: dict, path: Path, title: str) -> None:
     ax.set_xticks([x + width * (len(arms) - 1) / 2 for x in range(len(GROUPS))], list(GROUPS.values()))
     ax.set_ylabel("right colour in the right region")
     ax.set_ylim(0, 1)
-    ax.set_title(title, fontsize=9)
+    ax.set_title("\n".join(textwrap.wrap(title, 80)), fontsize=8)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
