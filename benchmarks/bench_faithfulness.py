@@ -39,7 +39,8 @@ def train_arm(out: Path, max_length: int, args) -> tuple[Path, float]:
     from para_train.training.trainer import Trainer
 
     cfg = load_config(1, overrides=[f"run.dir={out}", f"data.cache_dir={args.cache_dir}", f"train.steps={args.steps}",
-                                    f"model.llm.max_length={max_length}", "tracking.enabled=false",
+                                    f"model.llm.max_length={max_length}", "data.synthetic_captions=paragraph",
+                                    "tracking.enabled=false",
                                     f"checkpoint.every={max(args.steps, 1)}",
                                     "eval.every=0", *args.overrides])
     t0 = time.perf_counter()
@@ -58,7 +59,8 @@ def evaluate_arm(export: Path, items, tokenizer, args) -> dict:
     pipe = load_pipeline(export, "cpu", "fp32")
     _, rows, summary = evaluate(pipe, items, seed=0, steps=args.sample_steps, guidance_scale=args.guidance_scale,
                                 batch_size=8, tokenizer=tokenizer, progress=False)
-    return {"summary": summary, "rows": rows}
+    guidance = pipe.config.guidance_scale if args.guidance_scale is None else args.guidance_scale
+    return {"summary": summary, "rows": rows, "guidance_scale": guidance}
 
 
 def _env():
@@ -114,7 +116,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=1500, help="training steps per arm (default: 1500)")
     p.add_argument("--num-prompts", type=int, default=90, help="held-out paragraphs (default: 90)")
     p.add_argument("--sample-steps", type=int, default=20, help="sampler steps (default: 20)")
-    p.add_argument("--guidance-scale", type=float, default=7.5)
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="default: the trained model's (its sample.guidance_scale)")
     p.add_argument("--eval-seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("bench-out/faithfulness"))
     p.add_argument("--cache-dir", default="~/.cache/para-train")
@@ -142,6 +145,7 @@ def main(argv=None) -> int:
              f"{machine}")
     report = {"steps_per_arm": args.steps, "train_seconds": budget, "machine": machine,
               "num_prompts": args.num_prompts, "sample_steps": args.sample_steps, "overrides": args.overrides,
+              "guidance_scale": {arm: r["guidance_scale"] for arm, r in results.items()},
               "summaries": {arm: r["summary"] for arm, r in results.items()}}
     (args.out / "faithfulness.json").write_text(json.dumps(report, indent=1) + "\n")
     chart(results, args.out / "faithfulness.png", title)

@@ -337,7 +337,7 @@ def build_meta_model(cfg, arch: Architecture, dtype):
         if m.lora.enabled:
             llm = build.add_lora(llm, m.lora)
         model = ParaDiffusion(TextEncoder(llm, m.llm.layer, projection), unet, m.prediction_type, m.min_snr_gamma,
-                              m.num_train_timesteps).to(dtype)
+                              m.num_train_timesteps, zero_terminal_snr=m.zero_terminal_snr).to(dtype)
     for name, p in model.named_parameters():  # as para_train.training.engine.build_model
         p.requires_grad_(not name.startswith("text_encoder.llm.") or "lora_" in name)
     return model

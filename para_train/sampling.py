@@ -13,12 +13,15 @@ import torch
 from PIL import Image
 
 
-def make_scheduler(num_train_timesteps: int = 1000, prediction_type: str = "epsilon"):
+def make_scheduler(num_train_timesteps: int = 1000, prediction_type: str = "epsilon", zero_terminal_snr: bool = False):
+    """The training schedule's sampler. With zero terminal SNR: diffusers' rescaled betas, sampling steps that start
+    at the last (pure-noise) timestep and a final step to sigma 0, as Lin et al. prescribe."""
     from diffusers import DPMSolverMultistepScheduler
 
+    zsnr = dict(rescale_betas_zero_snr=True, timestep_spacing="trailing", final_sigmas_type="zero")
     return DPMSolverMultistepScheduler(num_train_timesteps=num_train_timesteps, beta_start=0.00085, beta_end=0.012,
                                        beta_schedule="scaled_linear", prediction_type=prediction_type,
-                                       algorithm_type="dpmsolver++", solver_order=2)
+                                       algorithm_type="dpmsolver++", solver_order=2, **(zsnr if zero_terminal_snr else {}))
 
 
 def tokenize(tokenizer, texts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,13 +32,15 @@ def tokenize(tokenizer, texts: list[str], max_length: int) -> tuple[torch.Tensor
 @torch.no_grad()
 def sample_latents(text_encoder, unet, tokenizer, prompts: list[str], *, max_length: int, latent_shape: tuple,
                    seed: int, steps: int = 20, guidance_scale: float = 7.5, prediction_type: str = "epsilon",
-                   num_train_timesteps: int = 1000, device="cpu", dtype=torch.float32, scheduler=None,
-                   image_size: tuple[int, int] | None = None) -> torch.Tensor:
-    """`scheduler`: a diffusers scheduler to use instead of `make_scheduler(num_train_timesteps, prediction_type)`.
+                   num_train_timesteps: int = 1000, zero_terminal_snr: bool = False, device="cpu", dtype=torch.float32,
+                   scheduler=None, image_size: tuple[int, int] | None = None) -> torch.Tensor:
+    """`scheduler`: a diffusers scheduler to use instead of `make_scheduler(num_train_timesteps, prediction_type,
+    zero_terminal_snr)`.
     `image_size`: (height, width) in pixels, for a UNet with SDXL's size ids (default: 8x the latent size)."""
     from para_train.models.paradiffusion import micro_conditions
 
-    scheduler = scheduler if scheduler is not None else make_scheduler(num_train_timesteps, prediction_type)
+    scheduler = scheduler if scheduler is not None else make_scheduler(num_train_timesteps, prediction_type,
+                                                                       zero_terminal_snr)
     scheduler.set_timesteps(steps, device=device)
     ids, mask = tokenize(tokenizer, list(prompts), max_length)
     uids, umask = tokenize(tokenizer, [""] * len(prompts), max_length)

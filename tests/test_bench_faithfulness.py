@@ -22,6 +22,7 @@ def test_the_faithfulness_experiment_runs_end_to_end(tmp_path, cache_dir, capsys
     assert "described before token 77" in printed and "described after token 77" in printed and "budget: 2 steps" in printed
     report = json.loads((out / "faithfulness.json").read_text())
     assert set(report["summaries"]) == {"512 tokens", "77 tokens"} and report["steps_per_arm"] == 2
+    assert report["guidance_scale"] == {"512 tokens": 3.0, "77 tokens": 3.0}  # the models' own (sample.guidance_scale)
     for summary in report["summaries"].values():
         # the third paragraph (a long one) describes objects after token 77
         assert summary["position_before77"]["objects"] > 0 and summary["position_after77"]["objects"] > 0

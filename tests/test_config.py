@@ -18,6 +18,25 @@ def test_defaults_are_the_tiny_stage_configs():
     assert s1.model.llm.max_length == 512 and s1.data.caption_dropout == pytest.approx(0.1)
 
 
+def test_training_and_sampling_share_the_zero_terminal_snr_schedule():
+    """The tiny default trains on a schedule whose last timestep is pure noise, and its sampler (the one exported)
+    starts there, on the same alphas; the real-scale configs keep SDXL's scaled-linear schedule."""
+    from para_train.models.paradiffusion import NoiseSchedule
+    from para_train.sampling import make_scheduler
+
+    m = load_config(1).model
+    train = NoiseSchedule(m.num_train_timesteps, zero_terminal_snr=m.zero_terminal_snr).alphas_cumprod
+    sampler = make_scheduler(m.num_train_timesteps, m.prediction_type, m.zero_terminal_snr)
+    assert train[-1] == 0.0 and torch.allclose(train, sampler.alphas_cumprod.float(), atol=1e-7)
+    sampler.set_timesteps(10)
+    assert int(sampler.timesteps[0]) == m.num_train_timesteps - 1
+    sd = NoiseSchedule(1000).alphas_cumprod
+    assert sd[-1] > 0.004  # SD's schedule leaves ~7% of the signal's amplitude at t=999
+    for name, stage in (("stage1_pretrain", 1), ("stage3_quality", 3)):
+        real = load_config(stage, str(REPO_ROOT / "configs" / f"{name}.yaml")).model
+        assert (real.prediction_type, real.zero_terminal_snr) == ("epsilon", False)
+
+
 def test_overrides_are_typed_and_dotted():
     cfg = load_config(1, overrides=["train.steps=7", "train.lr=1e-3", "model.llm.layer=-2", "data.shuffle=false"])
     assert (cfg.train.steps, cfg.train.lr, cfg.model.llm.layer, cfg.data.shuffle) == (7, 0.001, -2, False)
@@ -33,6 +52,7 @@ def test_overrides_are_typed_and_dotted():
     (["kernels.lora=cuda"], "kernels.lora: must be auto, triton or torch"),
     (["trainsteps"], "expected key=value"),
     (["tracking.log_every=0"], "tracking.log_every: must be >= 1"),
+    (["model.prediction_type=epsilon"], "model.zero_terminal_snr: needs model.prediction_type=v_prediction"),
 ])
 def test_bad_overrides_name_the_key_and_fix(overrides, message):
     with pytest.raises(ConfigError, match=None) as err:

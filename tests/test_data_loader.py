@@ -1,5 +1,6 @@
 """The streaming loader: bad samples are replaced deterministically and counted, streams mix by
-weight, and a mid-epoch resume on 2 real ranks yields exactly the uninterrupted samples."""
+weight, batches carry only the text padding they need, and a mid-epoch resume on 2 real ranks yields exactly
+the uninterrupted samples."""
 import gc
 import itertools
 import json
@@ -83,6 +84,40 @@ def test_bad_samples_are_replaced_by_the_next_good_one_and_counted(bad_data, tok
     assert Counter((sid, skipped) for sid, skipped, _ in rows) == expected_epoch(ids)
     assert sum(skipped for _, skipped, _ in rows) == 4  # 5 (passing 6), 6, 20
     assert "image does not decode" in caplog.text and "empty caption" in caplog.text
+
+
+def test_batches_cut_shared_padding_without_changing_the_text_features(tmp_path, cache_dir):
+    """Stage 1's short captions (every object named) reach the LLM as at most 128 tokens, not model.llm.max_length=512, and
+    the LLM's features of the real tokens are those of the fully padded batch; paragraphs keep what they need."""
+    from transformers import AutoModel
+
+    from para_train.data.synthetic import synthetic_sample
+    from para_train.models.paradiffusion import TextEncoder
+
+    tok = load_tokenizer(str(tiny_llama_dir(cache_dir)), 512)
+    short = synthetic_sample(3, 0, captions="short")
+    assert short.scene == synthetic_sample(3, 0).scene  # the same scene, described briefly
+    assert short.caption.count(" background") == 1 and short.scene["background"] in short.caption
+    for o in short.scene["objects"]:
+        assert f"{o['size']} {o['color']} {o['shape']}" in short.caption
+    llm = TextEncoder(AutoModel.from_pretrained(str(tiny_llama_dir(cache_dir))).eval())
+    for captions, most in (("short", 128), ("paragraph", 512)):
+        write_shards(synthetic_samples(seed=3, num_samples=8, captions=captions), str(tmp_path / captions))
+        cfg = load_config(1, overrides=[f"data.remote={tmp_path / captions}", f"data.cache_dir={cache_dir}",
+                                        "train.micro_batch_size=8", "data.shuffle=false"])
+        batch = next(iter(build_train_loader(cfg, tok)))
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        longest = int(mask.sum(1).max())
+        assert ids.shape[1] % 64 == 0 and longest <= ids.shape[1] < longest + 64, (captions, ids.shape, longest)
+        assert ids.shape[1] <= most
+        full_ids = torch.full((8, 512), tok.pad_token_id)
+        full_ids[:, :ids.shape[1]] = ids
+        full_mask = torch.zeros(8, 512, dtype=torch.long)
+        full_mask[:, :ids.shape[1]] = mask
+        with torch.no_grad():
+            cut, full = llm(ids, mask), llm(full_ids, full_mask)
+        real = mask.bool()
+        torch.testing.assert_close(cut[real], full[:, :ids.shape[1]][real], rtol=1e-4, atol=1e-5)
 
 
 def test_streams_mix_by_proportion(tmp_path, tokenizer, cache_dir):

@@ -28,7 +28,8 @@ def tiny_export(cache_dir: Path) -> Path:
 
     stage = cache_dir / "test-exports" / "run" / "stage2"
     cfg = load_config(2, overrides=[f"run.dir={stage.parent}", f"data.cache_dir={cache_dir}",
-                                    "checkpoint.init_from=none", "model.llm.max_length=64"])
+                                    "checkpoint.init_from=none", "model.llm.max_length=64",
+                                    "sample.guidance_scale=2.5"])
     torch.manual_seed(0)
     llm_path = build.resolve_llm_path(cfg.model.llm, cache_dir)
     llm = build.build_llm(build.llm_config(cfg.model.llm, llm_path))
@@ -100,6 +101,13 @@ def test_generate_writes_images_grid_and_json_for_every_prompt_format(exported, 
                  "--seed", "6"]) == 0
     alone_image = np.asarray(Image.open(tmp_path / "alone" / "images" / "00000.png")).astype(int)
     assert np.abs(alone_image - second[0]).max() <= 2  # another batch size changes float rounding, nothing else
+    # without --guidance-scale the model samples with its run's sample.guidance_scale, and says so
+    assert json.loads((tmp_path / "alone" / "generation.json").read_text())["settings"]["guidance_scale"] == 2.5
+    for scale in (2.5, 7.5):
+        assert main(["generate", str(exported), str(alone), "--out", str(tmp_path / f"cfg{scale}"), "--steps", "2",
+                     "--seed", "6", "--guidance-scale", str(scale)]) == 0
+    same, other = (np.asarray(Image.open(tmp_path / f"cfg{s}" / "images" / "00000.png")).astype(int) for s in (2.5, 7.5))
+    assert np.abs(same - alone_image).max() == 0 and np.abs(other - alone_image).max() > 2
     # an earlier generation is not overwritten by accident
     assert main(["generate", str(exported), str(alone), "--out", str(tmp_path / "alone")]) == 2
 

@@ -14,6 +14,7 @@ or path, from a loader worker as cleanly as from the main process.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 from streaming import Stream, StreamingDataLoader, StreamingDataset
 from streaming.base.dataset import _ShardState  # private, but the only handle on a shard's download state
+from torch.utils.data import default_collate
 
 from para_train.config import ConfigError
 from para_train.data.transforms import decode_image
@@ -249,6 +251,22 @@ def shard_columns(dataset: StreamingDataset) -> list[set[str]]:
     return [set(dataset.shards[int(first[i])].column_names) for i in range(dataset.num_streams)]
 
 
+TEXT_PAD_MULTIPLE = 64  # batches pad their captions to the longest one, rounded up to this
+
+
+def collate(samples: list[dict], max_length: int) -> dict:
+    """Stack samples into a batch and cut the padding the whole batch shares: the text runs to the batch's longest
+    caption rounded up to TEXT_PAD_MULTIPLE (a few shapes, so compiled kernels see few sizes), at most max_length.
+    Right padding under a causal LLM and a masked cross-attention: the cut changes no real token's features."""
+    batch = default_collate(samples)
+    longest = max(1, int(batch["attention_mask"].sum(1).max()))
+    keep = min(max_length, -(-longest // TEXT_PAD_MULTIPLE) * TEXT_PAD_MULTIPLE)
+    for key in ("input_ids", "attention_mask", "text_embeds"):
+        if key in batch:
+            batch[key] = batch[key][:, :keep]
+    return batch
+
+
 def build_loader(*, streams: list[Stream], tokenizer, max_length: int, resolution: int, batch_size: int,
                  shuffle: bool, seed: int, num_workers: int, crop: str = "center", flip: bool = False,
                  use_latents: str = "never", use_text_embeds: str = "never", llm_trains: bool = False,
@@ -265,4 +283,4 @@ def build_loader(*, streams: list[Stream], tokenizer, max_length: int, resolutio
             raise ConfigError(f"data.cache_limit={cache_limit}: {e}") from None
         raise
     return StreamingDataLoader(dataset, batch_size=batch_size, num_workers=num_workers, drop_last=True,
-                               persistent_workers=False)
+                               persistent_workers=False, collate_fn=functools.partial(collate, max_length=max_length))

@@ -32,7 +32,7 @@ def stream_locations(cfg: Config) -> list[tuple[str, str | None]]:
     """(local, remote) of every configured shard set; the synthetic set when none is configured."""
     d = cfg.data
     if not d.remotes():
-        return [(str(synthetic_dataset_dir(cfg.cache_dir, d.synthetic_seed, d.synthetic_samples)), None)]
+        return [(str(synthetic_dataset_dir(cfg.cache_dir, d.synthetic_seed, d.synthetic_samples, d.synthetic_captions)), None)]
     key = "data.streams[{}].remote" if d.streams else "data.remote"
     return [stream_location(s.remote, cfg.cache_dir, key.format(i)) for i, s in enumerate(d.remotes())]
 
@@ -51,7 +51,7 @@ def prepare_data(cfg: Config) -> None:
         return
     cfg.cache_dir.mkdir(parents=True, exist_ok=True)
     with FileLock(str(cfg.cache_dir / "synthetic.lock")):
-        ensure_synthetic_shards(cfg.cache_dir, d.synthetic_seed, d.synthetic_samples)
+        ensure_synthetic_shards(cfg.cache_dir, d.synthetic_seed, d.synthetic_samples, d.synthetic_captions)
 
 
 def clean_shared_memory(cfg: Config) -> list[str]:

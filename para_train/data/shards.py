@@ -68,20 +68,21 @@ def write_shards(samples: Iterable[dict], out: str, size_limit: str | int = "64m
     return count
 
 
-def synthetic_samples(seed: int, num_samples: int, image_size: int = 64) -> Iterable[dict]:
+def synthetic_samples(seed: int, num_samples: int, image_size: int = 64, captions: str = "paragraph") -> Iterable[dict]:
     for i in range(num_samples):
-        s = synthetic_sample(seed, i, image_size)
+        s = synthetic_sample(seed, i, image_size, captions=captions)
         yield {"image": s.image_png, "caption": s.caption, "width": s.width, "height": s.height,
                "sample_id": s.sample_id, "source": "synthetic", "scene": s.scene}
 
 
-def synthetic_dataset_dir(cache_dir: Path, seed: int, num_samples: int) -> Path:
-    return cache_dir / "datasets" / f"synthetic-v1-seed{seed}-n{num_samples}"
+def synthetic_dataset_dir(cache_dir: Path, seed: int, num_samples: int, captions: str = "paragraph") -> Path:
+    style = "" if captions == "paragraph" else f"-{captions}"
+    return cache_dir / "datasets" / f"synthetic-v1-seed{seed}-n{num_samples}{style}"
 
 
-def ensure_synthetic_shards(cache_dir: Path, seed: int, num_samples: int) -> Path:
+def ensure_synthetic_shards(cache_dir: Path, seed: int, num_samples: int, captions: str = "paragraph") -> Path:
     """Generate the synthetic scene set once into the cache (call on one process per node)."""
-    out = synthetic_dataset_dir(cache_dir, seed, num_samples)
+    out = synthetic_dataset_dir(cache_dir, seed, num_samples, captions)
     if (out / COMPLETE_MARKER).exists():
         return out
     if out.exists():
@@ -89,8 +90,8 @@ def ensure_synthetic_shards(cache_dir: Path, seed: int, num_samples: int) -> Pat
     tmp = out.with_name(out.name + ".partial")
     if tmp.exists():
         shutil.rmtree(tmp)
-    log.info("generating %d synthetic paragraph scenes into %s", num_samples, out)
-    write_shards(synthetic_samples(seed, num_samples), str(tmp), size_limit="16mb", total=num_samples,
+    log.info("generating %d synthetic scenes (%s captions) into %s", num_samples, captions, out)
+    write_shards(synthetic_samples(seed, num_samples, captions=captions), str(tmp), size_limit="16mb", total=num_samples,
                  desc="synthetic scenes")
     (tmp / COMPLETE_MARKER).write_text("ok\n")
     tmp.rename(out)

@@ -1,5 +1,6 @@
 """Synthetic paragraph scenes: coloured shapes at positions, a long paragraph describing every
-object, and a machine-readable scene record per image.
+object (or, for stage 1, a short alt-text-like caption naming them), and a machine-readable scene record
+per image.
 
 Deterministic in (seed, index): sample i of a set is the same on every machine and every run, so
 the embedded default needs no download and the evaluator can score images against the record.
@@ -137,6 +138,17 @@ def describe(scene: Scene, rng: random.Random, min_words: int = 100, max_words: 
     return text if text.endswith(".") else text + "."
 
 
+def describe_short(scene: Scene) -> str:
+    """A caption as short as web alt-text (15-50 words) that still names the background and every object, in the
+    paragraphs' own words: what stage 1 pretrains on, as ParaDiffusion pretrains on ordinary captions before
+    aligning with long paragraphs."""
+    objects = "; ".join(f"a {o.size} {o.color} {o.shape} {_where(o.region)}" for o in scene.objects)
+    return f"{len(scene.objects)} shapes on a plain {scene.background} background: {objects}."
+
+
+CAPTION_STYLES = ("paragraph", "short")
+
+
 @dataclass
 class SyntheticSample:
     sample_id: str
@@ -148,10 +160,14 @@ class SyntheticSample:
 
 
 def synthetic_sample(seed: int, index: int, image_size: int = 64, min_words: int = 100,
-                     max_words: int = 400) -> SyntheticSample:
+                     max_words: int = 400, captions: str = "paragraph") -> SyntheticSample:
+    """`captions`: paragraph (min_words..max_words, describing every object at length) or short (describe_short);
+    the scene of (seed, index) is the same either way."""
+    if captions not in CAPTION_STYLES:
+        raise ValueError(f"captions={captions!r}: choose one of {', '.join(CAPTION_STYLES)}")
     rng = random.Random(f"para-train-synthetic/{seed}/{index}")
     scene = make_scene(rng)
-    caption = describe(scene, rng, min_words, max_words)
+    caption = describe(scene, rng, min_words, max_words) if captions == "paragraph" else describe_short(scene)
     buf = io.BytesIO()
     render(scene, image_size).save(buf, format="PNG")
     return SyntheticSample(f"synthetic-{seed}-{index:08d}", buf.getvalue(), caption, scene.to_record(),

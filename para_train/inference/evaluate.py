@@ -157,7 +157,7 @@ def metrics(summary: dict) -> dict[str, float]:
     return {f"eval/{group}/{key}": float(value) for group, rates in summary.items() for key, value in rates.items()}
 
 
-def evaluate(pipe, items: list[EvalPrompt], *, seed: int, steps: int, guidance_scale: float, batch_size: int,
+def evaluate(pipe, items: list[EvalPrompt], *, seed: int, steps: int, guidance_scale: float | None, batch_size: int,
              resolution: int | None = None, tokenizer=None, progress: bool = True) -> tuple[list, list[dict], dict]:
     """Generate every paragraph's image with `pipe` and score it: (images, per-prompt rows, summary).
     Token counts use `tokenizer` (default: the pipeline's), so two models can be bucketed alike."""

@@ -65,13 +65,13 @@ def export_model(source: str | Path, out_dir: str | Path, cfg=None, use_ema: boo
     tmp.mkdir(parents=True)
     _write_unet(tmp / "unet", build.unet_config(m.unet), unet)
     copy_weights_folder(Path(build.resolve_vae_path(m.vae.path, cfg.cache_dir)), tmp / "vae")
-    make_scheduler(m.num_train_timesteps, m.prediction_type).save_pretrained(str(tmp / "scheduler"))
+    make_scheduler(m.num_train_timesteps, m.prediction_type, m.zero_terminal_snr).save_pretrained(str(tmp / "scheduler"))
     tokenizer = build.load_tokenizer(llm_path, m.llm.max_length)
     tokenizer.save_pretrained(str(tmp / "tokenizer"))
     save_text_encoder(tmp / "text_encoder", llm_path=llm_path, layer=m.llm.layer, adapter=adapter,
                       lora=m.lora if adapter else None, projection=projection, merge_lora=merge_lora,
                       copy_llm=copy_llm or m.llm.path == "tiny")  # the tiny LLM lives in a cache: make it portable
-    index = model_index(type(tokenizer).__name__, m.llm.max_length, cfg.data.resolution)
+    index = model_index(type(tokenizer).__name__, m.llm.max_length, cfg.data.resolution, cfg.sample.guidance_scale)
     (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     save_config(cfg, tmp / "training_config.yaml")
     provenance = {"source": str(trained.source.resolve()), "source_kind": trained.kind, "stage": cfg.run.stage,

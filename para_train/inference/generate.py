@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 GRID_IMAGES, GRID_THUMB = 64, 256
 
 
-def generate_images(pipe, prompts: list[str], *, seed: int, steps: int, guidance_scale: float, batch_size: int,
+def generate_images(pipe, prompts: list[str], *, seed: int, steps: int, guidance_scale: float | None, batch_size: int,
                     resolution: int | None = None, progress: bool = True) -> list:
     from tqdm import tqdm
 
@@ -58,7 +58,8 @@ def save_images(images: list, folder: Path) -> list[str]:
 
 
 def settings(pipe, args: argparse.Namespace) -> dict:
-    return {"steps": args.steps, "guidance_scale": args.guidance_scale, "seed": args.seed,
+    guidance = pipe.config.guidance_scale if args.guidance_scale is None else args.guidance_scale
+    return {"steps": args.steps, "guidance_scale": guidance, "seed": args.seed,
             "batch_size": args.batch_size, "resolution": args.resolution or pipe.config.resolution,
             "scheduler": type(pipe.scheduler).__name__, "max_length": pipe.config.max_length,
             "device": str(pipe.device), "dtype": str(pipe.unet.dtype).replace("torch.", "")}
@@ -67,7 +68,8 @@ def settings(pipe, args: argparse.Namespace) -> dict:
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     """Options shared by generate and evaluate."""
     parser.add_argument("--steps", type=int, default=20, help="sampler steps (default: 20)")
-    parser.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance (default: 7.5)")
+    parser.add_argument("--guidance-scale", type=float, default=None,
+                        help="classifier-free guidance (default: the model's, its run's sample.guidance_scale)")
     parser.add_argument("--seed", type=int, default=0, help="image i uses seed + i (default: 0)")
     parser.add_argument("--batch-size", type=int, default=4, help="images per forward pass (default: 4)")
     parser.add_argument("--resolution", type=int, default=None, help="image side (default: the trained resolution)")

@@ -36,10 +36,11 @@ class ParaDiffusionPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "text_encoder->unet->vae"
 
     def __init__(self, text_encoder: TextEncoder, tokenizer, unet: UNet2DConditionModel, vae: AutoencoderKL,
-                 scheduler, max_length: int = 512, resolution: int = 1024):
+                 scheduler, max_length: int = 512, resolution: int = 1024, guidance_scale: float = 7.5):
         super().__init__()
         self.register_modules(text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, vae=vae, scheduler=scheduler)
-        self.register_to_config(max_length=max_length, resolution=resolution)
+        # guidance_scale: the run's sample.guidance_scale, the default of __call__ (older exports: 7.5)
+        self.register_to_config(max_length=max_length, resolution=resolution, guidance_scale=guidance_scale)
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
 
     @classmethod
@@ -63,9 +64,11 @@ class ParaDiffusionPipeline(DiffusionPipeline):
                            "copy an exported folder instead of saving a loaded pipeline")
 
     @torch.no_grad()
-    def __call__(self, prompt: str | list[str], num_inference_steps: int = 20, guidance_scale: float = 7.5,
+    def __call__(self, prompt: str | list[str], num_inference_steps: int = 20, guidance_scale: float | None = None,
                  seed: int = 0, height: int | None = None, width: int | None = None) -> ImagePipelineOutput:
+        """guidance_scale None: the one the model was trained to sample with (config.guidance_scale)."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        guidance_scale = self.config.guidance_scale if guidance_scale is None else guidance_scale
         height, width = height or self.config.resolution, width or self.config.resolution
         f = self.vae_scale_factor
         if height % f or width % f:
@@ -81,7 +84,7 @@ class ParaDiffusionPipeline(DiffusionPipeline):
         return ImagePipelineOutput(images=to_pil(images))
 
 
-def model_index(tokenizer_class: str, max_length: int, resolution: int) -> dict:
+def model_index(tokenizer_class: str, max_length: int, resolution: int, guidance_scale: float) -> dict:
     """model_index.json of an exported folder. The text encoder is not a diffusers or transformers class:
     `ParaDiffusionPipeline.from_pretrained` loads it from text_encoder/ and passes it in."""
     import diffusers
@@ -90,7 +93,7 @@ def model_index(tokenizer_class: str, max_length: int, resolution: int) -> dict:
             "text_encoder": [None, None], "tokenizer": ["transformers", tokenizer_class],
             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
             "scheduler": ["diffusers", "DPMSolverMultistepScheduler"], "max_length": max_length,
-            "resolution": resolution}
+            "resolution": resolution, "guidance_scale": guidance_scale}
 
 
 def resolve_device(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:

@@ -35,11 +35,17 @@ class TextEncoder(nn.Module):
 
 
 class NoiseSchedule(nn.Module):
-    """DDPM forward process with SD's scaled-linear betas (the schedule exported with the model)."""
+    """DDPM forward process with SD's scaled-linear betas (the schedule exported with the model), optionally
+    rescaled to zero terminal SNR by diffusers' own function (the exported sampler applies the same rescaling)."""
 
-    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012):
+    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012,
+                 zero_terminal_snr: bool = False):
         super().__init__()
         betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, num_train_timesteps, dtype=torch.float64) ** 2
+        if zero_terminal_snr:
+            from diffusers.schedulers.scheduling_ddpm import rescale_zero_terminal_snr
+
+            betas = rescale_zero_terminal_snr(betas)
         self.num_train_timesteps = num_train_timesteps
         self.register_buffer("alphas_cumprod", torch.cumprod(1.0 - betas, 0).float(), persistent=False)
 
@@ -73,11 +79,12 @@ class ParaDiffusion(nn.Module):
     `image_size`: the training images' side in pixels (for SDXL's size ids; default 8x the latent side)."""
 
     def __init__(self, text_encoder: TextEncoder, unet: nn.Module, prediction_type: str = "epsilon",
-                 min_snr_gamma: float | None = None, num_train_timesteps: int = 1000, image_size: int | None = None):
+                 min_snr_gamma: float | None = None, num_train_timesteps: int = 1000, image_size: int | None = None,
+                 zero_terminal_snr: bool = False):
         super().__init__()
         self.text_encoder = text_encoder
         self.unet = unet
-        self.schedule = NoiseSchedule(num_train_timesteps)
+        self.schedule = NoiseSchedule(num_train_timesteps, zero_terminal_snr=zero_terminal_snr)
         self.prediction_type = prediction_type
         self.min_snr_gamma = min_snr_gamma
         self.image_size = image_size

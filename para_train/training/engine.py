@@ -152,7 +152,7 @@ def build_model(cfg: Config, dist_env: DistEnv, ds_config: dict) -> Built:
     chosen = apply_kernels(llm if m.lora.enabled else None, unet, cfg.kernels.lora, cfg.kernels.cross_attention)
     log.info("kernels: %s", chosen)
     model = ParaDiffusion(TextEncoder(llm, m.llm.layer, projection), unet, m.prediction_type, m.min_snr_gamma,
-                          m.num_train_timesteps, image_size=cfg.data.resolution)
+                          m.num_train_timesteps, image_size=cfg.data.resolution, zero_terminal_snr=m.zero_terminal_snr)
 
     source = resolve_init_from(cfg)
     if source is not None:

@@ -325,7 +325,8 @@ class Trainer:
         ids, mask = batch["input_ids"].clone(), batch["attention_mask"].clone()
         b = ids.shape[0]
         drop = torch.rand(b, generator=self.gen) < p
-        ids[drop], mask[drop] = self.empty_ids, self.empty_mask
+        length = ids.shape[1]  # the batch's padded length (data.dataset.collate)
+        ids[drop], mask[drop] = self.empty_ids[:length], self.empty_mask[:length]
         if "latents" in batch:  # precomputed by `para-train data precompute`
             latents = batch["latents"].float()
         else:
@@ -337,7 +338,7 @@ class Trainer:
         text = batch.get("text_embeds")  # precomputed frozen-LLM features (stage 1 only)
         if text is not None:
             text = text.to(d, self.model.unet.dtype)  # the dtype the live LLM would produce (bf16 on GPU)
-            text[drop.to(d)] = self._empty_text_embeds().to(text.dtype)
+            text[drop.to(d)] = self._empty_text_embeds()[:length].to(text.dtype)
         return self.engine(latents.to(d), ids.to(d), mask.to(d), noise.to(d), t.to(d), text)
 
     def _empty_text_embeds(self) -> torch.Tensor:
@@ -419,7 +420,9 @@ class Trainer:
         s, cfg = self.cfg.sample, self.cfg
         if s.num_images <= 0:
             return None
-        prompts = s.prompts or [synthetic_sample(10_000 + cfg.data.synthetic_seed, i).caption for i in range(s.num_images)]
+        d = cfg.data  # unseen scenes, captioned as this stage trains
+        prompts = s.prompts or [synthetic_sample(10_000 + d.synthetic_seed, i, captions=d.synthetic_captions).caption
+                                for i in range(s.num_images)]
         self.model.eval()
         unet = self.model.unet
         lat = cfg.data.resolution // self.latent_encoder.downsample
@@ -427,7 +430,8 @@ class Trainer:
                                  max_length=cfg.model.llm.max_length,
                                  latent_shape=(unet.config.in_channels, lat, lat), seed=s.seed, steps=s.steps,
                                  guidance_scale=s.guidance_scale, prediction_type=cfg.model.prediction_type,
-                                 num_train_timesteps=cfg.model.num_train_timesteps, device=self.device,
+                                 num_train_timesteps=cfg.model.num_train_timesteps,
+                                 zero_terminal_snr=cfg.model.zero_terminal_snr, device=self.device,
                                  dtype=unet.dtype,  # bf16 when DeepSpeed trains in bf16
                                  image_size=(cfg.data.resolution, cfg.data.resolution))
         self.model.train()

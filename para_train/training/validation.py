@@ -128,7 +128,8 @@ class Validator:
                                  max_length=cfg.model.llm.max_length, latent_shape=(unet.config.in_channels, lat, lat),
                                  seed=e.seed, steps=e.sample_steps, guidance_scale=cfg.sample.guidance_scale,
                                  prediction_type=cfg.model.prediction_type,
-                                 num_train_timesteps=cfg.model.num_train_timesteps, device=self.device,
+                                 num_train_timesteps=cfg.model.num_train_timesteps,
+                                 zero_terminal_snr=cfg.model.zero_terminal_snr, device=self.device,
                                  dtype=unet.dtype, image_size=(cfg.data.resolution, cfg.data.resolution))
         images = to_pil(self.latent_encoder.decode(latents))  # every rank: the same images, the same scores
         overall = summarize(score_items(items, images, self.tokenizer))["overall"]
