@@ -59,8 +59,7 @@ def evaluate_arm(export: Path, items, tokenizer, args) -> dict:
     pipe = load_pipeline(export, "cpu", "fp32")
     _, rows, summary = evaluate(pipe, items, seed=0, steps=args.sample_steps, guidance_scale=args.guidance_scale,
                                 batch_size=8, tokenizer=tokenizer, progress=False)
-    guidance = pipe.config.guidance_scale if args.guidance_scale is None else args.guidance_scale
-    return {"summary": summary, "rows": rows, "guidance_scale": guidance}
+    return {"summary": summary, "rows": rows, "guidance_scale": pipe.resolved_guidance(args.guidance_scale)}
 
 
 def _env():

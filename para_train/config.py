@@ -165,6 +165,9 @@ class StreamConfig:
                f"stream {self.remote}: weights must be >= 0")
 
 
+CAPTION_STYLES = ("paragraph", "short")  # data.synthetic_captions (para_train.data.synthetic)
+
+
 @dataclass
 class DataConfig:
     # MDS shards (written by `para-train data convert`): a local folder or s3://bucket/prefix (any
@@ -212,8 +215,8 @@ class DataConfig:
         _check(self.resolution >= 8 and self.resolution % 8 == 0, "data.resolution",
                f"must be a multiple of 8 (the VAE and the UNet each downsample by powers of 2), got {self.resolution}")
         _check(self.synthetic_samples >= 1, "data.synthetic_samples", "must be >= 1")
-        _check(self.synthetic_captions in ("paragraph", "short"), "data.synthetic_captions",
-               f"must be paragraph or short, got {self.synthetic_captions!r}")
+        _check(self.synthetic_captions in CAPTION_STYLES, "data.synthetic_captions",
+               f"must be one of {', '.join(CAPTION_STYLES)}, got {self.synthetic_captions!r}")
         _check(not (self.remote and self.streams), "data.streams",
                "set either data.remote (one shard set) or data.streams (a mix), not both")
         _check(self.streams is None or len(self.streams) > 0, "data.streams", "list at least one stream, or use null")
@@ -412,7 +415,7 @@ class Config:
 
 # Stage defaults sit between the dataclass defaults and the YAML file.
 STAGE_DEFAULTS: dict[int, dict[str, Any]] = {
-    # Stage 1 pretrains the UNet from scratch on short captions: 1200 steps at 3e-3 (~6 min on one CPU rank)
+    # Stage 1 pretrains the UNet from scratch on short captions: 1200 steps at 3e-3 (~10 min on one CPU rank)
     1: {"model.lora.enabled": False, "train.steps": 1200, "train.lr": 3e-3, "eval.every": 400,
         "data.synthetic_captions": "short"},
     2: {"model.lora.enabled": True, "train.steps": 150, "data.synthetic_seed": 1, "data.synthetic_samples": 1000},

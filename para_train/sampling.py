@@ -21,7 +21,8 @@ def make_scheduler(num_train_timesteps: int = 1000, prediction_type: str = "epsi
     zsnr = dict(rescale_betas_zero_snr=True, timestep_spacing="trailing", final_sigmas_type="zero")
     return DPMSolverMultistepScheduler(num_train_timesteps=num_train_timesteps, beta_start=0.00085, beta_end=0.012,
                                        beta_schedule="scaled_linear", prediction_type=prediction_type,
-                                       algorithm_type="dpmsolver++", solver_order=2, **(zsnr if zero_terminal_snr else {}))
+                                       algorithm_type="dpmsolver++", solver_order=2,
+                                       **(zsnr if zero_terminal_snr else {}))
 
 
 def tokenize(tokenizer, texts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -87,8 +87,8 @@ def test_bad_samples_are_replaced_by_the_next_good_one_and_counted(bad_data, tok
 
 
 def test_batches_cut_shared_padding_without_changing_the_text_features(tmp_path, cache_dir):
-    """Stage 1's short captions (every object named) reach the LLM as at most 128 tokens, not model.llm.max_length=512, and
-    the LLM's features of the real tokens are those of the fully padded batch; paragraphs keep what they need."""
+    """Stage 1's short captions (every object named) reach the LLM as at most 128 tokens, not
+    model.llm.max_length=512, and the LLM's features of the real tokens are those of the fully padded batch; paragraphs keep what they need."""
     from transformers import AutoModel
 
     from para_train.data.synthetic import synthetic_sample

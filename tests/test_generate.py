@@ -106,7 +106,8 @@ def test_generate_writes_images_grid_and_json_for_every_prompt_format(exported, 
     for scale in (2.5, 7.5):
         assert main(["generate", str(exported), str(alone), "--out", str(tmp_path / f"cfg{scale}"), "--steps", "2",
                      "--seed", "6", "--guidance-scale", str(scale)]) == 0
-    same, other = (np.asarray(Image.open(tmp_path / f"cfg{s}" / "images" / "00000.png")).astype(int) for s in (2.5, 7.5))
+    same, other = (np.asarray(Image.open(tmp_path / f"cfg{s}" / "images" / "00000.png")).astype(int)
+                   for s in (2.5, 7.5))
     assert np.abs(same - alone_image).max() == 0 and np.abs(other - alone_image).max() > 2
     # an earlier generation is not overwritten by accident
     assert main(["generate", str(exported), str(alone), "--out", str(tmp_path / "alone")]) == 2

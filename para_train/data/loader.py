@@ -32,7 +32,8 @@ def stream_locations(cfg: Config) -> list[tuple[str, str | None]]:
     """(local, remote) of every configured shard set; the synthetic set when none is configured."""
     d = cfg.data
     if not d.remotes():
-        return [(str(synthetic_dataset_dir(cfg.cache_dir, d.synthetic_seed, d.synthetic_samples, d.synthetic_captions)), None)]
+        folder = synthetic_dataset_dir(cfg.cache_dir, d.synthetic_seed, d.synthetic_samples, d.synthetic_captions)
+        return [(str(folder), None)]
     key = "data.streams[{}].remote" if d.streams else "data.remote"
     return [stream_location(s.remote, cfg.cache_dir, key.format(i)) for i, s in enumerate(d.remotes())]
 

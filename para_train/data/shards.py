@@ -91,8 +91,8 @@ def ensure_synthetic_shards(cache_dir: Path, seed: int, num_samples: int, captio
     if tmp.exists():
         shutil.rmtree(tmp)
     log.info("generating %d synthetic scenes (%s captions) into %s", num_samples, captions, out)
-    write_shards(synthetic_samples(seed, num_samples, captions=captions), str(tmp), size_limit="16mb", total=num_samples,
-                 desc="synthetic scenes")
+    write_shards(synthetic_samples(seed, num_samples, captions=captions), str(tmp), size_limit="16mb",
+                 total=num_samples, desc="synthetic scenes")
     (tmp / COMPLETE_MARKER).write_text("ok\n")
     tmp.rename(out)
     return out

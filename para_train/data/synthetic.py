@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass
 
 from PIL import Image, ImageDraw
 
+from para_train.config import CAPTION_STYLES
+
 COLORS = {
     "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 210, 40),
     "purple": (140, 60, 180), "orange": (240, 140, 30), "white": (245, 245, 245), "cyan": (40, 200, 210),
@@ -144,9 +146,6 @@ def describe_short(scene: Scene) -> str:
     aligning with long paragraphs."""
     objects = "; ".join(f"a {o.size} {o.color} {o.shape} {_where(o.region)}" for o in scene.objects)
     return f"{len(scene.objects)} shapes on a plain {scene.background} background: {objects}."
-
-
-CAPTION_STYLES = ("paragraph", "short")
 
 
 @dataclass

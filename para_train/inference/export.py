@@ -65,7 +65,8 @@ def export_model(source: str | Path, out_dir: str | Path, cfg=None, use_ema: boo
     tmp.mkdir(parents=True)
     _write_unet(tmp / "unet", build.unet_config(m.unet), unet)
     copy_weights_folder(Path(build.resolve_vae_path(m.vae.path, cfg.cache_dir)), tmp / "vae")
-    make_scheduler(m.num_train_timesteps, m.prediction_type, m.zero_terminal_snr).save_pretrained(str(tmp / "scheduler"))
+    scheduler = make_scheduler(m.num_train_timesteps, m.prediction_type, m.zero_terminal_snr)
+    scheduler.save_pretrained(str(tmp / "scheduler"))
     tokenizer = build.load_tokenizer(llm_path, m.llm.max_length)
     tokenizer.save_pretrained(str(tmp / "tokenizer"))
     save_text_encoder(tmp / "text_encoder", llm_path=llm_path, layer=m.llm.layer, adapter=adapter,

@@ -58,8 +58,7 @@ def save_images(images: list, folder: Path) -> list[str]:
 
 
 def settings(pipe, args: argparse.Namespace) -> dict:
-    guidance = pipe.config.guidance_scale if args.guidance_scale is None else args.guidance_scale
-    return {"steps": args.steps, "guidance_scale": guidance, "seed": args.seed,
+    return {"steps": args.steps, "guidance_scale": pipe.resolved_guidance(args.guidance_scale), "seed": args.seed,
             "batch_size": args.batch_size, "resolution": args.resolution or pipe.config.resolution,
             "scheduler": type(pipe.scheduler).__name__, "max_length": pipe.config.max_length,
             "device": str(pipe.device), "dtype": str(pipe.unet.dtype).replace("torch.", "")}

@@ -59,6 +59,10 @@ class ParaDiffusionPipeline(DiffusionPipeline):
         kwargs.setdefault("use_safetensors", True)  # never fall back to pickled weights
         return super().from_pretrained(str(folder), **kwargs)
 
+    def resolved_guidance(self, requested: float | None = None) -> float:
+        """The classifier-free guidance a call uses: `requested`, else the model's own."""
+        return self.config.guidance_scale if requested is None else requested
+
     def save_pretrained(self, *args, **kwargs):
         raise RuntimeError("a ParaDiffusionPipeline folder is written by `para-train export` (from a training run); "
                            "copy an exported folder instead of saving a loaded pipeline")
@@ -68,7 +72,7 @@ class ParaDiffusionPipeline(DiffusionPipeline):
                  seed: int = 0, height: int | None = None, width: int | None = None) -> ImagePipelineOutput:
         """guidance_scale None: the one the model was trained to sample with (config.guidance_scale)."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        guidance_scale = self.config.guidance_scale if guidance_scale is None else guidance_scale
+        guidance_scale = self.resolved_guidance(guidance_scale)
         height, width = height or self.config.resolution, width or self.config.resolution
         f = self.vae_scale_factor
         if height % f or width % f:
