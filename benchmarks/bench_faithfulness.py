@@ -36,7 +36,8 @@ GROUPS = {"position_before77": "described before token 77", "position_after77": 
 def train_arm(out: Path, max_length: int, args) -> tuple[Path, float]:
     """Stage 1 of the default with this text length; returns its export and the training wall time."""
     from para_train.config import load_config
-    from para_train.training.trainer import Trainer
+    from para_train.main import run_stage
+    from para_train.training.resolve import resolve
 
     cfg = load_config(1, overrides=[f"run.dir={out}", f"data.cache_dir={args.cache_dir}", f"train.steps={args.steps}",
                                     f"model.llm.max_length={max_length}", "data.synthetic_captions=paragraph",
@@ -44,11 +45,7 @@ def train_arm(out: Path, max_length: int, args) -> tuple[Path, float]:
                                     f"checkpoint.every={max(args.steps, 1)}",
                                     "eval.every=0", *args.overrides])
     t0 = time.perf_counter()
-    trainer = Trainer(cfg, _env())
-    try:
-        trainer.train()
-    finally:
-        trainer.close()
+    run_stage(resolve(cfg, _env()))
     return out / "stage1" / "export", time.perf_counter() - t0
 
 
@@ -125,7 +122,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     import torch
 
-    from para_train.inference.evaluate import eval_set
+    from para_train.scenes.eval_set import eval_set
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     args.out.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,7 @@
     python benchmarks/bench_tracking.py                  # 30 steps per case, about 4 minutes on 2 cores
     python benchmarks/bench_tracking.py --steps 60
 
-The trainer (para_train.training.trainer.Trainer, the embedded tiny model, one rank, ZeRO-3) trains
+The trainer (para_train.training.loop.Trainer, the embedded tiny model, one rank, ZeRO-3) trains
 the same steps, logging metrics at every step (tracking.log_every=1) and a sample grid at the end, with:
 
   off          tracking.enabled=false: the baseline
@@ -13,10 +13,10 @@ the same steps, logging metrics at every step (tracking.log_every=1) and a sampl
   killed       a real server, SIGKILLed when the run reaches half its steps
   silent       a socket that accepts connections and never answers (the worst case: a hung server)
 
-For each it prints the wall time of the trainer's set-up (which creates the MLflow run and waits
-at most 10 s for it), of the training loop (train(), which ends with sampling and the export) and
-of the tracker's shutdown (close()), their sum's excess over `off`, and how many metric points
-reached MLflow or the fallback file.
+For each it prints the wall time of the stage's set-up (which creates the MLflow run and waits
+at most 10 s for it), of the training loop and the stage's end (train(), then sampling, the export
+and the tracker's close, which waits for MLflow), of the stage's close() after it, their sum's
+excess over `off`, and how many metric points reached MLflow or the fallback file.
 """
 from __future__ import annotations
 
@@ -31,12 +31,10 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-
-sys.path.insert(0, str(common.REPO / "tests"))
-from conftest import free_port  # noqa: E402
-from mlflow_server import MlflowServer  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+sys.path.insert(0, str(REPO / "tests"))
+from mlflow_server import MlflowServer  # noqa: E402  (the tests' real-server harness)
 
 CASES = ("off", "local", "server", "unreachable", "killed", "silent")
 
@@ -66,6 +64,8 @@ def tracking_uri(case: str, servers: dict) -> str | None:
     if case == "silent":
         return f"http://127.0.0.1:{servers['silent'].getsockname()[1]}"
     if case == "unreachable":
+        from para_train.training.distributed import free_port
+
         return f"http://127.0.0.1:{free_port()}"  # nobody listens there
     return None
 
@@ -74,8 +74,9 @@ def run_case(case: str, env, root: Path, cache: Path, steps: int, servers: dict)
     from mlflow.tracking import MlflowClient
 
     from para_train.config import load_config
+    from para_train.main import finish, open_stage
     from para_train.tracking import FALLBACK_FILE
-    from para_train.training.trainer import Trainer
+    from para_train.training.loop import Trainer
 
     run_dir = root / case
     uri = tracking_uri(case, servers)
@@ -86,16 +87,19 @@ def run_case(case: str, env, root: Path, cache: Path, steps: int, servers: dict)
         overrides.append(f"tracking.uri={uri}")
     cfg = load_config(1, None, overrides)
     t0 = time.perf_counter()
-    trainer = Trainer(cfg, env)
+    stage, state = open_stage(cfg, env)
     t_built = time.perf_counter()
     if case == "killed":
-        kill_at_step(servers["doomed"], cfg.stage_dir / "metrics.jsonl", steps // 2)
-    trainer.train()
-    t_trained = time.perf_counter()
-    trainer.close()
+        kill_at_step(servers["doomed"], stage.layout.metrics, steps // 2)
+    try:
+        Trainer(stage, state).train()
+        finish(stage, state)  # samples, export, log_model, the tracker's close
+        t_trained = time.perf_counter()
+    finally:
+        stage.close()
     t_closed = time.perf_counter()
     sent = fallback = 0
-    run_id = trainer.tracker.run_id
+    run_id = stage.tracker.run_id
     if case in ("local", "server") and run_id:
         client = MlflowClient(uri or f"sqlite:///{run_dir}/mlflow.db")
         sent = len(client.get_metric_history(run_id, "loss"))
@@ -113,6 +117,8 @@ def main() -> None:
     parser.add_argument("--cache-dir", default="~/.cache/para-train")
     parser.add_argument("--only", default=",".join(CASES))
     args = parser.parse_args()
+    import common  # torch, para_train: after --help
+
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", common.extensions_dir())
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     import logging

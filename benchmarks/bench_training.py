@@ -14,7 +14,7 @@
 
 The model is benchmarks/common.py's: small, with the real-scale FLOP split (printed first). Steps
 are timed in alternating rounds (median per step), so a change in load hits every variant alike.
-The trainer's step is `Trainer._train_step`, the function `Trainer.train` calls for each step.
+The trainer's step is `para_train.training.loop.Trainer.train_step`, the function `Trainer.train` calls for each step.
 """
 from __future__ import annotations
 
@@ -107,7 +107,7 @@ def floor_step_fn(cfg, batch: dict):
 
 def trainer_step_fn(trainer, batch: dict):
     batches = itertools.repeat(batch)
-    return lambda: trainer._train_step(batches)
+    return lambda: trainer.train_step(batches)
 
 
 def precompute(trainer, batch: dict, text: bool) -> dict:
@@ -116,9 +116,9 @@ def precompute(trainer, batch: dict, text: bool) -> dict:
 
     out = {k: v for k, v in batch.items() if k != "pixels"}
     with torch.no_grad():
-        out["latents"] = trainer.latent_encoder.encode(batch["pixels"])
+        out["latents"] = trainer.stage.latent_encoder.encode(batch["pixels"])
         if text:
-            out["text_embeds"] = trainer.model.text_encoder(batch["input_ids"], batch["attention_mask"]).clone()
+            out["text_embeds"] = trainer.stage.model.text_encoder(batch["input_ids"], batch["attention_mask"]).clone()
     return out
 
 
@@ -134,11 +134,10 @@ def setup_stage(stage: int, env, cache, assets, run_dir, extra: list[str] = ()):
     """The trainer of `stage` on the benchmark model, one batch of pixels, the same batch precomputed
     (latents, and text features for the frozen-LLM stage 1), and the usual loop on the same model."""
     from para_train.config import load_config
-    from para_train.training.trainer import Trainer
 
     cfg = load_config(stage, None, common.bench_overrides(cache, run_dir, *assets) + list(extra))
-    trainer = Trainer(cfg, env)
-    pixels = next(iter(trainer.loader))
+    trainer = common.open_trainer(cfg, env)
+    pixels = next(iter(trainer.stage.loader))
     pre = precompute(trainer, pixels, text=stage == 1)
     return cfg, trainer, pixels, pre, UsualLoop(*assets, cfg, lora=stage > 1)
 
@@ -154,7 +153,7 @@ def bench_stage1(env, cache, assets, run_dir, args, results: dict) -> None:
         "llm": lambda: usual.encode_text(pixels),
     }, args.rounds, args.steps)
     b = cfg.train.micro_batch_size
-    split = common.bench_split(len(trainer.tokenizer))
+    split = common.bench_split(len(trainer.stage.tokenizer))
     real = common.real_scale_split()
     predicted = sum(split.values()) / split["unet"]
     predicted_real = sum(real.values()) / real["unet"]
@@ -188,7 +187,6 @@ def breakdown(env, cache, assets, run_dir, args, cfg, pre: dict, base: dict) -> 
     """Where the stage-1 overhead comes from: the same step with lighter DeepSpeed set-ups, and at a
     4x larger micro batch (a fixed cost per step stays, the compute grows)."""
     from para_train.config import load_config
-    from para_train.training.trainer import Trainer
 
     b = cfg.train.micro_batch_size
     print(f"\nstage-1 overhead breakdown (same model; median of {args.rounds} rounds x {args.steps} steps)")
@@ -201,7 +199,7 @@ def breakdown(env, cache, assets, run_dir, args, cfg, pre: dict, base: dict) -> 
                                                           "train.grad_clip=0"])]
     for i, (name, extra) in enumerate(variants):
         vcfg = load_config(1, None, common.bench_overrides(cache, run_dir / f"breakdown{i}", *assets) + extra)
-        trainer = Trainer(vcfg, env)
+        trainer = common.open_trainer(vcfg, env)
         t = common.interleaved({"floor": floor_step_fn(vcfg, pre), "para": trainer_step_fn(trainer, pre)},
                                args.rounds, args.steps)
         print(line(f"para-train, {name}, micro batch {b}", t["para"], b) +
@@ -209,8 +207,8 @@ def breakdown(env, cache, assets, run_dir, args, cfg, pre: dict, base: dict) -> 
     big = 4 * b
     vcfg = load_config(1, None, common.bench_overrides(cache, run_dir / "breakdown_big", *assets)
                        + [f"train.micro_batch_size={big}"])
-    trainer = Trainer(vcfg, env)
-    big_pre = precompute(trainer, next(iter(trainer.loader)), text=True)
+    trainer = common.open_trainer(vcfg, env)
+    big_pre = precompute(trainer, next(iter(trainer.stage.loader)), text=True)
     t = common.interleaved({"floor": floor_step_fn(vcfg, big_pre), "para": trainer_step_fn(trainer, big_pre)},
                            args.rounds, args.steps)
     print(line(f"floor at micro batch {big}", t["floor"], big))
@@ -220,8 +218,6 @@ def breakdown(env, cache, assets, run_dir, args, cfg, pre: dict, base: dict) -> 
 
 
 def bench_stage2(env, cache, assets, run_dir, args, results: dict) -> None:
-    from para_train.plan import llama_flops, unet_flops, vae_encode_flops
-
     cfg, trainer, pixels, pre, usual = setup_stage(2, env, cache, assets, run_dir, ["checkpoint.init_from=none"])
     times = common.interleaved({
         "para_px": trainer_step_fn(trainer, pixels),
@@ -230,11 +226,8 @@ def bench_stage2(env, cache, assets, run_dir, args, results: dict) -> None:
     }, args.rounds, args.steps)
     b = cfg.train.micro_batch_size
     lora = cfg.model.lora
-    llm = {**common.BENCH_LLM, "vocab_size": len(trainer.tokenizer)}
-    llm_f = llama_flops(llm, common.TEXT_TOKENS, lora.rank, tuple(lora.target_modules), trainable=True).train
-    unet_f = unet_flops(common.BENCH_UNET, common.RESOLUTION // 8, common.TEXT_TOKENS, text_needs_grad=True).train
-    vae_f = vae_encode_flops(common.BENCH_VAE, common.RESOLUTION)
-    predicted = (llm_f + unet_f + vae_f) / (llm_f + unet_f)
+    split = common.bench_split(len(trainer.stage.tokenizer), stage=2)  # LoRA's backward through the LLM included
+    predicted = sum(split.values()) / (split["llm"] + split["unet"])
     speedup = times["usual"] / times["para_pre"]
     print(f"\nstage 2: LoRA r={lora.rank} on {', '.join(lora.target_modules)} + UNet, micro batch {b} "
           f"(median of {args.rounds} rounds x {args.steps} steps)")
@@ -251,7 +244,7 @@ def bench_loader(cfg_trainer, args, results: dict) -> None:
     from para_train.data.loader import build_train_loader
 
     trainer = cfg_trainer
-    loader = build_train_loader(trainer.cfg, trainer.tokenizer)
+    loader = build_train_loader(trainer.cfg, trainer.stage.tokenizer)
     b = trainer.cfg.train.micro_batch_size
     batches = (batch for _ in itertools.count() for batch in loader)  # epoch after epoch, as the trainer reads
     next(batches)  # start-up: shard index, worker start

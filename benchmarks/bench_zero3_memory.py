@@ -30,9 +30,11 @@ def measure_engine(cfg, env) -> dict:
     from para_train.training import engine as engine_mod
     from para_train.training.ema import ShardedEMA
     from para_train.training.memory import model_state_bytes
+    from para_train.training.resolve import resolve
 
-    ds = engine_mod.deepspeed_config(cfg, env)
-    built = engine_mod.build_model(cfg, env, ds)
+    run = resolve(cfg, env)
+    ds = run.ds_config
+    built = engine_mod.build_model(cfg, env, ds, run.init)
     engine, _, _ = engine_mod.initialize(cfg, built, ds)
     model = engine.module
     ema = ShardedEMA([(n, p) for n, p in model.named_parameters() if p.requires_grad], cfg.train.ema_decay) \
@@ -80,11 +82,9 @@ def launch(num_ranks: int, out: Path, model: str, cache_dir: str, precisions: st
            extensions_dir: str | None = None) -> list[list[dict]]:
     """Run the worker on `num_ranks` local gloo ranks under the deepspeed launcher: per rank, one dict per precision.
     `extensions_dir`: where DeepSpeed JIT-builds its CPU comm op (default: torch's shared cache)."""
-    import socket
+    from para_train.training.distributed import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     out.mkdir(parents=True, exist_ok=True)
     launcher = str(Path(sys.executable).with_name("deepspeed"))
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}

@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from para_train.plan import SDXL_VAE, llama_flops, unet_flops, vae_encode_flops  # noqa: E402
+from para_train.plan import SDXL_VAE  # noqa: E402
 
 # Real scale: 512 text tokens, 1024 px images, 128x128 latents. Benchmark: 128 tokens, 128 px, 16x16.
 TEXT_TOKENS = 128
@@ -39,26 +39,48 @@ BENCH_UNET = dict(sample_size=RESOLUTION // 8, in_channels=4, out_channels=4, bl
 ASSETS_VERSION = "v1"
 
 
-def flop_split(llm: dict, tokens: int, vae: dict, resolution: int, unet: dict) -> dict[str, float]:
-    """FLOPs per sample of the LLM forward, the VAE encode and the UNet forward+backward (no checkpointing)."""
-    return {"llm": llama_flops(llm, tokens).forward, "vae": vae_encode_flops(vae, resolution),
-            "unet": unet_flops(unet, resolution // 8, tokens).train}
+def flop_split(cfg, arch) -> dict[str, float]:
+    """FLOPs per sample of the LLM (forward, and backward where LoRA trains), the VAE encode and the UNet (with the
+    projection) forward + backward without checkpointing: the planner's traced step, counted by torch's
+    FlopCounterMode (para_train.plan.trace_step)."""
+    import torch
+
+    from para_train.plan import trace_step
+
+    t = trace_step(cfg, arch, torch.float32, 1, True, True, False, False)
+    return {"llm": t.forward["llm"] + t.backward["llm"], "vae": t.forward["vae"],
+            "unet": sum(t.forward[k] + t.backward[k] for k in ("projection", "unet"))}
+
+
+def _llm(config: dict) -> dict:
+    from para_train.config import LLMConfig
+    from para_train.models.build import llm_config
+
+    return llm_config(LLMConfig(path=None, config=config), None).to_dict()
 
 
 def real_scale_split() -> dict[str, float]:
     import yaml
 
+    from para_train.config import load_config
+    from para_train.plan import Architecture
+
     model = yaml.safe_load((REPO / "configs" / "stage1_pretrain.yaml").read_text())["model"]
-    return flop_split(model["llm"]["config"], model["llm"]["max_length"], SDXL_VAE, 1024, model["unet"]["config"])
+    cfg = load_config(1, overrides=[f"model.llm.max_length={model['llm']['max_length']}", "data.resolution=1024"])
+    return flop_split(cfg, Architecture(_llm(model["llm"]["config"]), model["unet"]["config"], SDXL_VAE, []))
 
 
-def bench_split(vocab_size: int = 2048) -> dict[str, float]:
-    return flop_split({**BENCH_LLM, "vocab_size": vocab_size}, TEXT_TOKENS, BENCH_VAE, RESOLUTION, BENCH_UNET)
+def bench_split(vocab_size: int = 2048, stage: int = 1) -> dict[str, float]:
+    from para_train.config import load_config
+    from para_train.plan import Architecture
+
+    cfg = load_config(stage, overrides=[f"model.llm.max_length={TEXT_TOKENS}", f"data.resolution={RESOLUTION}"])
+    return flop_split(cfg, Architecture(_llm({**BENCH_LLM, "vocab_size": vocab_size}), BENCH_UNET, BENCH_VAE, []))
 
 
 def print_splits() -> tuple[dict, dict]:
     real, bench = real_scale_split(), bench_split()
-    print(f"{'FLOP split per sample (analytic, para_train.plan)':<62}LLM fwd  VAE encode  UNet fwd+bwd         total")
+    print(f"{'FLOP split per sample (traced, para_train.plan)':<62}LLM fwd  VAE encode  UNet fwd+bwd         total")
     for name, s in (("real scale (Llama-2-7B@512, SDXL VAE@1024, SDXL UNet@128)", real),
                     ("benchmark model (this script)", bench)):
         total = sum(s.values())
@@ -98,6 +120,15 @@ def build_assets(cache_dir: Path) -> tuple[Path, Path]:
         AutoencoderKL(**BENCH_VAE).save_pretrained(tmp, safe_serialization=True)
         tmp.rename(vae_dir)
     return llm_dir, vae_dir
+
+
+def open_trainer(cfg, env):
+    """The trainer of one stage, built as para_train/main.py builds it (needs a process group): its `train_step`
+    is the step being measured."""
+    from para_train.main import open_stage
+    from para_train.training.loop import Trainer
+
+    return Trainer(*open_stage(cfg, env))
 
 
 def bench_overrides(cache_dir: Path, run_dir: Path, llm_dir: Path, vae_dir: Path) -> list[str]:

@@ -5,7 +5,7 @@ are), and images that show nothing of the scene (noise, blank, a tile mosaic, an
     python benchmarks/scorer_levels.py --scenes 60 --seed 1
 
 Per image kind: the image-level background rate and the per-object rates of the checks of
-para_train/inference/faithfulness.py (correct is the headline faithfulness of `para-train evaluate`),
+para_train/scenes/faithfulness.py (correct is the headline faithfulness of `para-train evaluate`),
 over the scene records and ground truth of para_train.inference.evaluate.eval_set, and the mean wall time
 to score one image. "other scene" scores scene i's rendering against scene i + 1's record; its chance
 levels are printed below the table: background, the pairs with the same background; colour_region, the
@@ -27,9 +27,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from para_train.data.synthetic import BACKGROUNDS  # noqa: E402
-from para_train.inference.evaluate import eval_set, ground_truth  # noqa: E402
-from para_train.inference.faithfulness import CHECKS, chance_colour_region, coincides, score_image  # noqa: E402
+from para_train.scenes.synthetic import BACKGROUNDS  # noqa: E402
+from para_train.scenes.eval_set import eval_set, ground_truth  # noqa: E402
+from para_train.scenes.faithfulness import CHECKS, chance_colour_region, coincides, score_image  # noqa: E402
 
 
 def levels(images: list, records: list[dict]) -> dict:

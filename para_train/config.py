@@ -2,22 +2,23 @@
 
 Built once from: dataclass defaults (the tiny embedded model) < the stage's defaults < a YAML
 file (`--config`) < dotted `key=value` overrides. Every section validates itself; an unknown key,
-a value of the wrong type or a contradictory setting raises `ConfigError` naming the key and the
-fix, before any process group starts.
+a value of the wrong type, a value outside a field's `Literal` choices (checked while the YAML/CLI
+values are read, see `_coerce`) or a contradictory setting raises `ConfigError` naming the key and
+the fix, before any process group starts.
 """
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+from urllib.parse import urlparse
 
 import yaml
-
-from para_train.tracking import TrackingConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,18 +32,34 @@ def _check(cond: bool, key: str, msg: str) -> None:
         raise ConfigError(f"{key}: {msg}")
 
 
+# Fixed-choice fields are typed with these; `_coerce` checks a YAML/CLI value against the choices once, for all.
+Stage = Literal[1, 2, 3]
+PredictionType = Literal["epsilon", "v_prediction"]
+CaptionStyle = Literal["paragraph", "short"]
+Crop = Literal["center", "random"]
+UsePrecomputed = Literal["auto", "always", "never"]
+LRSchedule = Literal["cosine", "linear", "constant"]
+Precision = Literal["auto", "fp32", "bf16"]
+InitWeights = Literal["ema", "raw"]
+ZeroStage = Literal[0, 1, 2, 3]
+LoraKernel = Literal["auto", "triton", "torch"]
+CrossAttentionKernel = Literal["auto", "triton", "flash_attn", "sdpa"]
+# Fields where a few words stand beside a folder: the words are spelled out here, any other string is a path.
+TINY = "tiny"  # the stand-in the project generates (models.tiny)
+ModelPath = Literal["tiny"] | str
+ResumeFrom = Literal["auto", "never"] | str  # or a checkpoint folder
+InitFrom = Literal["auto", "none"] | str  # or a weights folder
+
+
 @dataclass
 class RunConfig:
     dir: str = "runs/default"  # every stage of one training writes under this folder
     seed: int = 0
-    stage: int = 1  # set by --stage
+    stage: Stage = 1  # set by --stage
     # Bitwise-reproducible GPU runs (a resumed run's losses equal an uninterrupted one's there too), at some
     # speed: torch's deterministic algorithms, cuBLAS's fixed workspace, no cuDNN autotuning. The CPU is
     # deterministic either way.
     deterministic: bool = False
-
-    def __post_init__(self):
-        _check(self.stage in (1, 2, 3), "run.stage", f"must be 1, 2 or 3, got {self.stage}; use --stage 1|2|3")
 
 
 @dataclass
@@ -50,7 +67,7 @@ class LLMConfig:
     # A local folder or hub id with config + weights + tokenizer (e.g. meta-llama/Llama-2-7b-hf, supplied
     # by you), or "tiny": a small Llama the project generates (pretrained briefly on synthetic paragraphs) into
     # data.cache_dir.
-    path: str | None = "tiny"
+    path: ModelPath | None = TINY
     # Architecture (transformers config kwargs). Used to build the model when no path is given, and
     # by `para-train plan` / meta-device builds. With a path, the path's config.json wins.
     config: dict | None = None
@@ -76,7 +93,8 @@ class LoRAConfig:
     def __post_init__(self):
         _check(self.rank >= 1, "model.lora.rank", f"must be >= 1, got {self.rank}")
         _check(0.0 <= self.dropout < 1.0, "model.lora.dropout", f"must be in [0, 1), got {self.dropout}")
-        _check(len(self.target_modules) > 0, "model.lora.target_modules", "name at least one module, e.g. [q_proj, v_proj]")
+        _check(len(self.target_modules) > 0, "model.lora.target_modules",
+               "name at least one module, e.g. [q_proj, v_proj]")
 
 
 TINY_UNET = {  # 16x16x4 latents (the tiny VAE at 32 px)
@@ -117,7 +135,7 @@ class UNetConfig:
 class VAEConfig:
     # An AutoencoderKL folder (e.g. madebyollin/sdxl-vae-fp16-fix, supplied by you) or "tiny": a small VAE
     # (2x downsampling) the project trains on synthetic scenes when first built. Frozen in every stage.
-    path: str = "tiny"
+    path: ModelPath = TINY
 
 
 @dataclass
@@ -129,7 +147,7 @@ class ModelConfig:
     projection: bool = False  # a trained linear map from the LLM width to the UNet's cross_attention_dim
     # The tiny default: v-prediction on a zero-terminal-SNR schedule with plain MSE. The real-scale stage configs
     # keep SDXL's epsilon-prediction, its scaled-linear schedule and min-SNR 5 (they start from SDXL's UNet).
-    prediction_type: str = "v_prediction"  # or epsilon
+    prediction_type: PredictionType = "v_prediction"
     # SD's scaled-linear betas rescaled so that the last timestep is pure noise (Lin et al. 2024, "Common diffusion
     # noise schedules and sample steps are flawed"; diffusers' rescale_betas_zero_snr). Without it the t=999 latent
     # still holds the image's low frequencies, so the model reads the background from the noise rather than from
@@ -139,8 +157,6 @@ class ModelConfig:
     num_train_timesteps: int = 1000
 
     def __post_init__(self):
-        _check(self.prediction_type in ("epsilon", "v_prediction"), "model.prediction_type",
-               f"must be epsilon or v_prediction, got {self.prediction_type!r}")
         _check(self.min_snr_gamma is None or self.min_snr_gamma > 0, "model.min_snr_gamma", "must be > 0 or null")
         _check(not self.zero_terminal_snr or self.prediction_type == "v_prediction", "model.zero_terminal_snr",
                "needs model.prediction_type=v_prediction: at zero SNR the noisy latent is the noise itself, so an "
@@ -165,7 +181,7 @@ class StreamConfig:
                f"stream {self.remote}: weights must be >= 0")
 
 
-CAPTION_STYLES = ("paragraph", "short")  # data.synthetic_captions (para_train.data.synthetic)
+CAPTION_STYLES = typing.get_args(CaptionStyle)  # data.synthetic_captions (para_train.scenes.synthetic)
 
 
 @dataclass
@@ -189,9 +205,9 @@ class DataConfig:
     synthetic_seed: int = 0
     # The synthetic set's captions: paragraph (100-400 words) or short (alt-text length, every object named;
     # stage 1's default, as ParaDiffusion pretrains on short captions before the paragraph stages)
-    synthetic_captions: str = "paragraph"
+    synthetic_captions: CaptionStyle = "paragraph"
     resolution: int = 32  # shorter side resized to this, then a square crop
-    crop: str = "center"  # center | random
+    crop: Crop = "center"
     flip: bool = False  # random horizontal flips
     caption_dropout: float = 0.1  # empty-string captions for classifier-free guidance
     shuffle: bool = True
@@ -202,8 +218,8 @@ class DataConfig:
     num_workers: int = 0
     # Columns written by `para-train data precompute`: auto = use them when the shards hold them,
     # always = require them, never = ignore them. Text embeddings are for stage 1 only (frozen LLM).
-    use_latents: str = "auto"
-    use_text_embeds: str = "auto"
+    use_latents: UsePrecomputed = "auto"
+    use_text_embeds: UsePrecomputed = "auto"
     max_skip_rate: float = 0.01  # stop when more than this fraction of samples are bad (undecodable, empty)
     # At start-up, remove MosaicML streaming's shared memory that a killed run left on the node: this user's
     # segments with streaming's names that no live process maps (live runs' segments are left alone)
@@ -211,12 +227,11 @@ class DataConfig:
 
     def __post_init__(self):
         _check(0.0 <= self.max_skip_rate <= 1.0, "data.max_skip_rate", f"must be in [0, 1], got {self.max_skip_rate}")
-        _check(0.0 <= self.caption_dropout < 1.0, "data.caption_dropout", f"must be in [0, 1), got {self.caption_dropout}")
+        _check(0.0 <= self.caption_dropout < 1.0, "data.caption_dropout",
+               f"must be in [0, 1), got {self.caption_dropout}")
         _check(self.resolution >= 8 and self.resolution % 8 == 0, "data.resolution",
                f"must be a multiple of 8 (the VAE and the UNet each downsample by powers of 2), got {self.resolution}")
         _check(self.synthetic_samples >= 1, "data.synthetic_samples", "must be >= 1")
-        _check(self.synthetic_captions in CAPTION_STYLES, "data.synthetic_captions",
-               f"must be one of {', '.join(CAPTION_STYLES)}, got {self.synthetic_captions!r}")
         _check(not (self.remote and self.streams), "data.streams",
                "set either data.remote (one shard set) or data.streams (a mix), not both")
         _check(self.streams is None or len(self.streams) > 0, "data.streams", "list at least one stream, or use null")
@@ -228,17 +243,14 @@ class DataConfig:
             _check(not any(relative) or all(relative), "data.streams",
                    "with proportions, give every stream a proportion")
         _check(self.epoch_size is None or self.epoch_size >= 1, "data.epoch_size", "must be >= 1 or null")
-        _check(self.crop in ("center", "random"), "data.crop", f"must be center or random, got {self.crop!r}")
-        for key in ("use_latents", "use_text_embeds"):
-            _check(getattr(self, key) in ("auto", "always", "never"), f"data.{key}",
-                   f"must be auto, always or never, got {getattr(self, key)!r}")
         _check(self.download_retry >= 0, "data.download_retry", "must be >= 0")
         _check(self.download_timeout > 0, "data.download_timeout", "must be > 0 seconds")
         _check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
         _check(self.num_canonical_nodes is None or self.num_canonical_nodes >= 1, "data.num_canonical_nodes",
                "must be >= 1 or null (the number of nodes)")
-        _check(self.cache_limit is None or re.fullmatch(r"\d+(\.\d+)?\s*([kmgtp]b|b)?", self.cache_limit.strip().lower())
-               is not None, "data.cache_limit", f"expected a size such as 500gb or 2tb, got {self.cache_limit!r}")
+        _check(self.cache_limit is None
+               or re.fullmatch(r"\d+(\.\d+)?\s*([kmgtp]b|b)?", self.cache_limit.strip().lower()) is not None,
+               "data.cache_limit", f"expected a size such as 500gb or 2tb, got {self.cache_limit!r}")
 
     def remotes(self) -> list[StreamConfig]:
         """The configured shard sets as streams; empty for the synthetic default."""
@@ -255,13 +267,13 @@ class TrainConfig:
     lr: float = 1e-3
     lora_lr: float | None = None  # None = lr
     warmup_steps: int = 20
-    lr_schedule: str = "cosine"  # cosine | linear | constant (after warmup)
+    lr_schedule: LRSchedule = "cosine"  # after warmup
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.01
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     grad_clip: float = 1.0
     ema_decay: float = 0.999  # 0 disables the EMA
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    precision: Precision = "auto"  # auto: bf16 on GPU, fp32 on CPU
     max_consecutive_skips: int = 10  # stop after this many non-finite steps in a row
     log_every: int = 10
 
@@ -270,11 +282,7 @@ class TrainConfig:
         _check(self.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
         _check(self.grad_accum >= 1, "train.grad_accum", "must be >= 1")
         _check(self.lr > 0, "train.lr", "must be > 0")
-        _check(self.lr_schedule in ("cosine", "linear", "constant"), "train.lr_schedule",
-               f"must be cosine, linear or constant, got {self.lr_schedule!r}")
         _check(0.0 <= self.ema_decay < 1.0, "train.ema_decay", f"must be in [0, 1), got {self.ema_decay}")
-        _check(self.precision in ("auto", "fp32", "bf16"), "train.precision",
-               f"must be auto, fp32 or bf16, got {self.precision!r}")
         _check(len(self.betas) == 2, "train.betas", "give two numbers, e.g. [0.9, 0.999]")
         _check(self.max_consecutive_skips >= 1, "train.max_consecutive_skips", "must be >= 1")
 
@@ -283,27 +291,26 @@ class TrainConfig:
 class CheckpointConfig:
     every: int = 100  # steps between checkpoints (one is always written at the end)
     keep: int = 2  # complete checkpoints kept (>= 2 so a crash while writing leaves one)
-    resume: str = "auto"  # auto (latest complete one in the stage dir, if any) | never | a checkpoint folder
+    resume: ResumeFrom = "auto"  # auto (latest complete one in the stage dir, if any) | never | a checkpoint folder
     # Where this stage's weights come from: "auto" = the previous stage's final weights in run.dir
     # (stage 1: none), or a folder: a stage's final/, a `para-train export` folder, or a diffusers folder in
     # ParaDiffusion's released layout (unet/ + text_encoder_lora/); or "none".
-    init_from: str = "auto"
+    init_from: InitFrom = "auto"
     # Which of the previous stage's weights: "ema" (default) or "raw". The EMA is the smoothed model a
     # practitioner evaluates and releases, and the usual starting point of a fine-tune (SD, PixArt); sources
     # with one set of weights only (exports, released models, ema_decay=0) give theirs either way.
-    init_weights: str = "ema"
+    init_weights: InitWeights = "ema"
 
     def __post_init__(self):
         _check(self.every >= 1, "checkpoint.every", "must be >= 1")
-        _check(self.init_weights in ("ema", "raw"), "checkpoint.init_weights",
-               f"must be ema or raw, got {self.init_weights!r}")
-        _check(self.keep >= 2, "checkpoint.keep", f"must be >= 2 so a crash mid-write leaves a complete one, got {self.keep}")
+        _check(self.keep >= 2, "checkpoint.keep",
+               f"must be >= 2 so a crash mid-write leaves a complete one, got {self.keep}")
 
 
 @dataclass
 class DeepSpeedSection:
     config: str = "configs/deepspeed/zero3_tiny.json"  # base DeepSpeed JSON (relative to the repo or absolute)
-    zero_stage: int = 3
+    zero_stage: ZeroStage = 3
     offload_optimizer: bool = False
     offload_params: bool = False
     # Module classes ZeRO-3 gathers whole, with one fetch/release hook for the block instead of one per
@@ -312,19 +319,49 @@ class DeepSpeedSection:
     # LLM can be leaves only in stage 1 (DeepSpeed does not gather a leaf again for LoRA's backward).
     leaf_modules: list[str] = field(default_factory=lambda: ["ResnetBlock2D", "BasicTransformerBlock"])
 
-    def __post_init__(self):
-        _check(self.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", "must be 0..3")
-
 
 @dataclass
 class KernelsConfig:
-    lora: str = "auto"  # auto | triton | torch
-    cross_attention: str = "auto"  # auto | triton | flash_attn | sdpa
+    # auto = Triton on a GPU, PyTorch otherwise (para_train.kernel_dispatch)
+    lora: LoraKernel = "auto"
+    cross_attention: CrossAttentionKernel = "auto"
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow tracking (para_train.tracking)."""
+
+    enabled: bool = True
+    uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///RUN_DIR/mlflow.db
+    experiment: str = "para-train"
+    run_name: str | None = None
+    log_every: int = 10  # metrics every N steps (the trainer honours this)
+    sample_every: int = 0  # sample grids every M steps, 0 = only at the end (the trainer)
+    # The exported model of each stage is uploaded as the run's `model/` artifact and registered as a
+    # new version of this registered model, tagged with its stage: "auto" = the experiment's name,
+    # "none" = neither (the export stays on disk only).
+    registered_model: str = "auto"
+    queue_size: int = 1000  # items waiting for MLflow; beyond it they go to the fallback file
+    shutdown_timeout_s: float = 20.0  # close() waits at most this long for MLflow
+    system_metrics: bool = False  # MLflow's CPU/GPU/disk/network monitor (needs psutil)
 
     def __post_init__(self):
-        _check(self.lora in ("auto", "triton", "torch"), "kernels.lora", f"must be auto, triton or torch, got {self.lora!r}")
-        _check(self.cross_attention in ("auto", "triton", "flash_attn", "sdpa"), "kernels.cross_attention",
-               f"must be auto, triton, flash_attn or sdpa, got {self.cross_attention!r}")
+        _check(self.uri is None or len(urlparse(self.uri).scheme) >= 2, "tracking.uri",  # 'C:/x' has scheme 'c'
+               f"{self.uri!r} is not a URI; use http://HOST:PORT for a tracking server, "
+               "sqlite:///PATH/mlflow.db for a local store, or leave it unset")
+        _check(bool(self.experiment), "tracking.experiment", "empty; set a name, e.g. tracking.experiment=para-train")
+        _check(bool(self.registered_model.strip()), "tracking.registered_model",
+               "empty; use auto (the experiment's name), none, or a name")
+        for key, minimum in (("log_every", 1), ("sample_every", 0), ("queue_size", 1)):
+            _check(getattr(self, key) >= minimum, f"tracking.{key}", f"must be >= {minimum}, got {getattr(self, key)}")
+        _check(self.shutdown_timeout_s > 0, "tracking.shutdown_timeout_s",
+               f"must be > 0 (e.g. 20), got {self.shutdown_timeout_s}")
+        _check(not self.system_metrics or importlib.util.find_spec("psutil") is not None, "tracking.system_metrics",
+               "needs psutil; pip install psutil, or set it to false")
+
+    @property
+    def registered_model_name(self) -> str | None:
+        return {"auto": self.experiment, "none": None}.get(self.registered_model, self.registered_model)
 
 
 @dataclass
@@ -395,16 +432,13 @@ class Config:
                                           "(model.num_train_timesteps)")
         if stage == 1:
             _check(not self.model.lora.enabled, "model.lora.enabled",
-                   "stage 1 trains the UNet with a frozen LLM and no LoRA; set model.lora.enabled=false or use --stage 2")
+                   "stage 1 trains the UNet with a frozen LLM and no LoRA; set model.lora.enabled=false "
+                   "or use --stage 2")
         else:
             _check(self.model.lora.enabled, "model.lora.enabled",
                    f"stage {stage} trains LoRA on the LLM; set model.lora.enabled=true (with model.lora.rank etc.)")
 
-    # ---- paths derived from the config (one place) ----
-    @property
-    def stage_dir(self) -> Path:
-        return Path(self.run.dir).expanduser() / f"stage{self.run.stage}"
-
+    # ---- the data cache (a run's own paths: para_train.files.layout) ----
     @property
     def cache_dir(self) -> Path:
         return Path(self.data.cache_dir).expanduser()
@@ -448,6 +482,12 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        # by type too: YAML's true is not the 1 of Literal[1, 2, 3], nor "1" (quoted) of it
+        _check(any(value == c and type(value) is type(c) for c in choices), key,
+               f"must be one of {', '.join(map(str, choices))}; got {value!r}")
+        return value
     if dataclasses.is_dataclass(hint):
         _check(isinstance(value, dict), key, f"expected a mapping of {hint.__name__} fields, got {value!r}")
         return _build(hint, value, key)
@@ -472,7 +512,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
                 return float(value)
             except ValueError:
                 pass
-        _check(isinstance(value, (int, float)) and not isinstance(value, bool), key, f"expected a number, got {value!r}")
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool), key,
+               f"expected a number, got {value!r}")
         return float(value)
     if hint is str:
         _check(isinstance(value, str), key, f"expected a string, got {value!r}")
@@ -489,10 +530,7 @@ def _build(cls, data: dict, prefix: str = ""):
         if key not in names:
             raise ConfigError(f"{full}: unknown key; valid keys here are: {', '.join(sorted(names))}")
         kwargs[key] = _coerce(value, hints[key], full)
-    try:
-        return cls(**kwargs)
-    except ValueError as e:  # ConfigError, or a section's own ValueError (e.g. TrackingConfig's)
-        raise ConfigError(str(e)) from None
+    return cls(**kwargs)
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:

@@ -18,19 +18,19 @@ A sample with no valid key (length 0) gets zeros here, where SDPA with the -1000
 over the padding; a tokenizer that adds BOS never produces length 0.
 """
 import logging
+import typing
 
 import torch
 from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.attention_processor import AttnProcessor2_0
 from peft.tuners.lora import Linear as LoraLinear
 
+from para_train.config import CrossAttentionKernel, LoraKernel
 from para_train.kernels import MAX_LORA_RANK, cross_attention as triton_cross_attention, interpreter_active
 from para_train.kernels import lora_linear
 
 logger = logging.getLogger(__name__)
 
-LORA_CHOICES = ("auto", "triton", "torch")
-CROSS_ATTENTION_CHOICES = ("auto", "triton", "flash_attn", "sdpa")
 # diffusers writes padding as a -10000 bias; anything at or below this counts as padding.
 _PADDING_BIAS = -1000.0
 
@@ -38,8 +38,8 @@ _PADDING_BIAS = -1000.0
 def apply_kernels(
     llm: torch.nn.Module | None,
     unet: torch.nn.Module | None,
-    lora: str = "auto",
-    cross_attention: str = "auto",
+    lora: LoraKernel = "auto",
+    cross_attention: CrossAttentionKernel = "auto",
 ) -> dict:
     """Install the chosen kernels in place and return them, e.g. {"lora": "torch", "cross_attention": "sdpa"}.
 
@@ -47,14 +47,9 @@ def apply_kernels(
     when CUDA is available, PyTorch (peft's forward, diffusers' SDPA processor) otherwise. Call it again
     with other choices to switch; `remove_kernels` restores the PyTorch paths.
     """
-    if lora not in LORA_CHOICES:
-        raise ValueError(f"kernels.lora={lora!r}: choose one of {', '.join(LORA_CHOICES)}")
-    if cross_attention not in CROSS_ATTENTION_CHOICES:
-        raise ValueError(f"kernels.cross_attention={cross_attention!r}: choose one of "
-                         f"{', '.join(CROSS_ATTENTION_CHOICES)}")
     cuda = torch.cuda.is_available()
-    lora_choice = ("triton" if cuda else "torch") if lora == "auto" else lora
-    attn_choice = ("triton" if cuda else "sdpa") if cross_attention == "auto" else cross_attention
+    lora_choice = _resolve("lora", lora, LoraKernel, "triton" if cuda else "torch")
+    attn_choice = _resolve("cross_attention", cross_attention, CrossAttentionKernel, "triton" if cuda else "sdpa")
     for key, choice in (("lora", lora_choice), ("cross_attention", attn_choice)):
         if choice == "triton" and not cuda and not interpreter_active():
             raise ValueError(
@@ -72,6 +67,14 @@ def apply_kernels(
     logger.info("kernels: lora=%s (%d LoRA layers), cross_attention=%s (%d cross-attention layers)",
                 lora_choice, num_lora, attn_choice, num_attn)
     return {"lora": lora_choice, "cross_attention": attn_choice}
+
+
+def _resolve(key: str, choice: str, choices, auto: str) -> str:
+    """`choice`, "auto" resolved for this machine. A config's values were checked when it was built
+    (para_train.config); this only stops a direct caller's misspelt name from quietly running PyTorch."""
+    if choice not in typing.get_args(choices):
+        raise ValueError(f"kernels.{key}={choice!r}: choose one of {', '.join(typing.get_args(choices))}")
+    return auto if choice == "auto" else choice
 
 
 def remove_kernels(llm: torch.nn.Module | None, unet: torch.nn.Module | None) -> None:

@@ -1,27 +1,23 @@
 """Will a stage fit on your GPUs, and how long will it take? Answered before you spend a GPU-hour.
 
-    para-train plan --config configs/stage1_pretrain.yaml --nodes 64 --gpus-per-node 8 --gpu h100-80gb
-    para-train plan --config configs/stage2_alignment.yaml --nodes 8 --gpus-per-node 8 --gpu a100-40gb \\
+    para-train plan --stage 1 --config configs/stage1_pretrain.yaml --nodes 64 --gpus-per-node 8 --gpu h100-80gb
+    para-train plan --stage 2 --config configs/stage2_alignment.yaml --nodes 8 --gpus-per-node 8 --gpu a100-40gb \\
         train.micro_batch_size=1 --samples 2e7
 
 Per GPU it prints: memory for model states under ZeRO-3 (DeepSpeed's own estimator for the trained
 parameters, plus only the bf16 copy of the frozen ones), activation memory at the configured micro
-batch, resolution and text length with and without gradient checkpointing (the peak of one real
-forward+backward traced on fake tensors, so no GPU and no weights are needed), communication volume
-per step, and step and total time from analytic FLOP counts at a stated utilisation. When the stage
-does not fit it says so, names the change that makes it fit, and exits with status 1. The stage
-comes from --stage, the YAML's run.stage or the file name (stage1_*.yaml).
-
-FLOPs count what torch.utils.flop_counter counts: matrix multiplies and convolutions (2 per
-multiply-add), forward and backward, per sample; tests check them against FlopCounterMode.
+batch, resolution and text length with and without gradient checkpointing, communication volume per
+step, and step and total time at a stated utilisation. Activations and FLOPs come from one real
+forward+backward per setting traced on fake tensors (no GPU and no weights needed): the peak of the
+live tensors, and what torch.utils.flop_counter counts (matmuls, convolutions, attention; 2 per
+multiply-add). When the stage does not fit it says so, names the change that makes it fit, and exits
+with status 1. --stage is required, as for training: the stage decides the defaults and what trains.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
-import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -48,239 +44,12 @@ SDXL_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_blo
                 up_block_types=["UpDecoderBlock2D"] * 4, sample_size=1024)
 
 
-# ====================================================================== FLOPs, analytically
-
-
-@dataclass
-class Flops:
-    """Matmul/conv FLOPs of one forward, its backward, and the forward part recomputed by checkpointing.
-
-    `recompute` counts every checkpointed unit whole. PyTorch's non-reentrant checkpoint stops a
-    unit's recomputation after the last op whose saved tensors backward needs, so it runs up to
-    ~10% fewer FLOPs: an upper bound, on the safe side for time estimates."""
-    forward: int = 0
-    backward: int = 0
-    recompute: int = 0
-    _checkpointed: bool = field(default=False, repr=False)
-
-    def gemm(self, flops: int, *needs_grad: bool) -> None:
-        """One matmul/conv of `flops` forward FLOPs; its backward costs as much again for each operand
-        that needs a gradient (input, weight; or both inputs of an attention matmul)."""
-        self.forward += flops
-        self.backward += flops * sum(bool(g) for g in needs_grad)
-        if self._checkpointed:
-            self.recompute += flops
-
-    @contextlib.contextmanager
-    def checkpointed(self, enabled: bool):
-        old, self._checkpointed = self._checkpointed, enabled
-        try:
-            yield
-        finally:
-            self._checkpointed = old
-
-    @property
-    def train(self) -> int:
-        return self.forward + self.backward + self.recompute
-
-
-def llama_flops(cfg: dict, tokens: int, lora_rank: int = 0, lora_targets: tuple[str, ...] = (),
-                trainable: bool = False, checkpointing: bool = False) -> Flops:
-    """A LlamaModel (no LM head) on one sequence of `tokens`, base weights frozen, optional LoRA.
-
-    `trainable`: gradients flow (LoRA is trained); otherwise only the forward counts."""
-    f = Flops()
-    h, inter, n_layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
-    heads = cfg["num_attention_heads"]
-    head_dim = cfg.get("head_dim") or h // heads
-    kv = cfg.get("num_key_value_heads") or heads
-    t = tokens
-    shapes = {"q_proj": (h, heads * head_dim), "k_proj": (h, kv * head_dim), "v_proj": (h, kv * head_dim),
-              "o_proj": (heads * head_dim, h), "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
-    targets = set(lora_targets) if lora_rank else set()
-
-    def linear(name: str, x_grad: bool) -> bool:
-        """Returns whether the output needs a gradient."""
-        i, o = shapes[name]
-        f.gemm(2 * t * i * o, trainable and x_grad)
-        if name not in targets:
-            return x_grad
-        f.gemm(2 * t * i * lora_rank, trainable and x_grad, trainable)
-        f.gemm(2 * t * lora_rank * o, trainable, trainable)
-        return True
-
-    # The rotary embedding's one matmul per forward (inv_freq x positions), outside the decoder layers.
-    f.gemm(2 * (head_dim // 2) * t)
-    h_grad = False  # the frozen embedding's output needs no gradient
-    for _ in range(n_layers):
-        with f.checkpointed(checkpointing and trainable):
-            q, k, v = (linear(n, h_grad) for n in ("q_proj", "k_proj", "v_proj"))
-            f.gemm(2 * t * t * heads * head_dim, trainable and q, trainable and k)  # scores
-            a = q or k
-            f.gemm(2 * t * t * heads * head_dim, trainable and a, trainable and v)  # probabilities x values
-            h_grad = linear("o_proj", a or v) or h_grad
-            gate, up = linear("gate_proj", h_grad), linear("up_proj", h_grad)
-            h_grad = linear("down_proj", gate or up) or h_grad
-    return f
-
-
-_UNET_BLOCKS = {"DownBlock2D", "CrossAttnDownBlock2D", "UpBlock2D", "CrossAttnUpBlock2D"}
-_UNET_DEFAULTS = dict(in_channels=4, out_channels=4, block_out_channels=[320, 640, 1280, 1280], layers_per_block=2,
-                      transformer_layers_per_block=1, mid_block_type="UNetMidBlock2DCrossAttn", cross_attention_dim=1280,
-                      down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-                      up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, reverse_transformer_layers_per_block=None)
-# Options that change the UNet's compute in ways this planner does not model.
-_UNET_UNSUPPORTED = dict(encoder_hid_dim=None, class_embed_type=None, addition_embed_type=None, dual_cross_attention=False,
-                         only_cross_attention=False, time_cond_proj_dim=None, resnet_time_scale_shift="default",
-                         time_embedding_type="positional", time_embedding_dim=None, conv_in_kernel=3, conv_out_kernel=3,
-                         mid_block_only_cross_attention=None, attention_type="default")
-
-
-def _per_block(value, n: int, key: str) -> list[int]:
-    if isinstance(value, int):
-        return [value] * n
-    if not (isinstance(value, (list, tuple)) and len(value) == n and all(isinstance(v, int) for v in value)):
-        raise ValueError(f"model.unet.config.{key}: expected an integer or {n} integers, got {value!r}")
-    return list(value)
-
-
-def unet_flops(config: dict, latent_hw: int, text_tokens: int, text_needs_grad: bool = False,
-               checkpointing: bool = False) -> Flops:
-    """A diffusers UNet2DConditionModel (SD/SDXL block types, no added embeddings), one sample, all weights trained.
-
-    Checkpointing recomputes each resnet and transformer block, as diffusers does."""
-    from para_train.config import ConfigError
-
-    c = {**_UNET_DEFAULTS, **config}
-    for key, ok in _UNET_UNSUPPORTED.items():
-        if c.get(key, ok) != ok:
-            raise ConfigError(f"model.unet.config.{key}={c[key]!r}: `para-train plan` models SD/SDXL-style UNets "
-                              f"without it; remove it or plan by hand")
-    blocks = list(c["down_block_types"]) + list(c["up_block_types"])
-    bad = [b for b in blocks if b not in _UNET_BLOCKS]
-    if bad or c["mid_block_type"] not in ("UNetMidBlock2DCrossAttn", None):
-        raise ConfigError(f"model.unet.config: block types {bad or [c['mid_block_type']]} are not modelled by `para-train "
-                          f"plan`; it knows {sorted(_UNET_BLOCKS)} and UNetMidBlock2DCrossAttn")
-    if not isinstance(c["cross_attention_dim"], int):
-        raise ConfigError("model.unet.config.cross_attention_dim: `para-train plan` needs one integer")
-    boc = list(c["block_out_channels"])
-    n = len(boc)
-    layers = _per_block(c["layers_per_block"], n, "layers_per_block")
-    tlayers = _per_block(c["transformer_layers_per_block"], n, "transformer_layers_per_block")
-    rev_tlayers = c["reverse_transformer_layers_per_block"]
-    rev_tlayers = list(reversed(tlayers)) if rev_tlayers is None else _per_block(
-        rev_tlayers, n, "reverse_transformer_layers_per_block")
-    cross, L = c["cross_attention_dim"], text_tokens
-    f = Flops()
-    temb = 4 * boc[0]
-
-    def conv(hw: int, cin: int, cout: int, k: int, x_grad: bool = True):
-        f.gemm(2 * hw * hw * cin * cout * k * k, x_grad, True)
-
-    def resnet(hw: int, cin: int, cout: int):
-        with f.checkpointed(checkpointing):
-            conv(hw, cin, cout, 3)
-            f.gemm(2 * temb * cout, True, True)  # time_emb_proj
-            conv(hw, cout, cout, 3)
-            if cin != cout:
-                conv(hw, cin, cout, 1)
-
-    def transformer(hw: int, ch: int, depth: int):
-        tokens = hw * hw
-        f.gemm(2 * tokens * ch * ch, True, True)  # proj_in
-        for _ in range(depth):
-            with f.checkpointed(checkpointing):
-                f.gemm(2 * tokens * ch * 3 * ch, True, True)  # self-attention q, k, v
-                f.gemm(2 * tokens * tokens * ch, True, True)  # scores
-                f.gemm(2 * tokens * tokens * ch, True, True)  # probabilities x values
-                f.gemm(2 * tokens * ch * ch, True, True)  # out
-                f.gemm(2 * tokens * ch * ch, True, True)  # cross-attention q
-                f.gemm(2 * L * cross * 2 * ch, text_needs_grad, True)  # cross-attention k, v from the text
-                f.gemm(2 * tokens * L * ch, True, True)
-                f.gemm(2 * tokens * L * ch, True, True)
-                f.gemm(2 * tokens * ch * ch, True, True)  # out
-                f.gemm(2 * tokens * ch * 8 * ch, True, True)  # GEGLU feed-forward in (2 x 4ch)
-                f.gemm(2 * tokens * 4 * ch * ch, True, True)  # feed-forward out
-        f.gemm(2 * tokens * ch * ch, True, True)  # proj_out
-
-    conv(latent_hw, c["in_channels"], boc[0], 3, x_grad=False)
-    f.gemm(2 * boc[0] * temb, False, True)  # time embedding: the sinusoidal input needs no gradient
-    f.gemm(2 * temb * temb, True, True)
-    hw, ch = latent_hw, boc[0]
-    for i, kind in enumerate(c["down_block_types"]):
-        for j in range(layers[i]):
-            resnet(hw, ch if j == 0 else boc[i], boc[i])
-            if kind.startswith("CrossAttn"):
-                transformer(hw, boc[i], tlayers[i])
-        ch = boc[i]
-        if i < n - 1:
-            hw //= 2
-            conv(hw, ch, ch, 3)  # Downsample2D: stride 2, counted at the output size
-    if c["mid_block_type"] is not None:
-        resnet(hw, ch, ch)
-        transformer(hw, ch, tlayers[-1])
-        resnet(hw, ch, ch)
-    rev_boc, rev_layers = boc[::-1], layers[::-1]
-    out_ch = rev_boc[0]
-    for i, kind in enumerate(c["up_block_types"]):
-        prev_out, out_ch = out_ch, rev_boc[i]
-        in_ch = rev_boc[min(i + 1, n - 1)]
-        num = rev_layers[i] + 1
-        for j in range(num):
-            skip = in_ch if j == num - 1 else out_ch
-            resnet(hw, (prev_out if j == 0 else out_ch) + skip, out_ch)
-            if kind.startswith("CrossAttn"):
-                transformer(hw, out_ch, rev_tlayers[i])
-        if i < n - 1:
-            hw *= 2
-            conv(hw, out_ch, out_ch, 3)  # Upsample2D: nearest x2, then a 3x3 conv at the new size
-    conv(latent_hw, boc[0], c["out_channels"], 3)
-    return f
-
-
-def vae_encode_flops(config: dict, image_hw: int) -> int:
-    """Forward FLOPs of a diffusers AutoencoderKL's encoder (+ quant_conv) on one image (no gradients)."""
-    f = Flops()
-    boc = list(config["block_out_channels"])
-    layers = config.get("layers_per_block", 1)
-
-    def conv(hw, cin, cout, k):
-        f.gemm(2 * hw * hw * cin * cout * k * k)
-
-    def resnet(hw, cin, cout):
-        conv(hw, cin, cout, 3)
-        conv(hw, cout, cout, 3)
-        if cin != cout:
-            conv(hw, cin, cout, 1)
-
-    hw, ch = image_hw, boc[0]
-    conv(hw, config.get("in_channels", 3), ch, 3)
-    for i, out in enumerate(boc):
-        for j in range(layers):
-            resnet(hw, ch if j == 0 else out, out)
-        ch = out
-        if i < len(boc) - 1:
-            hw //= 2
-            conv(hw, ch, ch, 3)
-    resnet(hw, ch, ch)
-    if config.get("mid_block_add_attention", True):
-        tokens = hw * hw
-        f.gemm(2 * tokens * ch * ch * 4)  # q, k, v, out (one head of width ch)
-        f.gemm(2 * 2 * tokens * tokens * ch)  # scores, probabilities x values
-    resnet(hw, ch, ch)
-    latent2 = 2 * config.get("latent_channels", 4)
-    conv(hw, ch, latent2, 3)
-    if config.get("use_quant_conv", True):
-        conv(hw, latent2, latent2, 1)
-    return f.forward
-
-
 # ====================================================================== the model, built without memory
 
 
 @dataclass
 class Architecture:
-    llm: dict  # LlamaConfig as a dict
+    llm: dict  # the LLM's transformers config as a dict
     unet: dict  # UNet2DConditionModel kwargs
     vae: dict  # AutoencoderKL kwargs
     notes: list[str]
@@ -303,11 +72,9 @@ def architecture(cfg) -> Architecture:
         if llm_path is not None:
             notes.append(f"LLM: no config.json at {llm_path} here; using model.llm.config")
     else:
-        raise ConfigError(f"model.llm.config: no config.json at {llm_path}; set model.llm.config to the LLM's architecture "
+        raise ConfigError(f"model.llm.config: no config.json at {llm_path}; set model.llm.config to the LLM's "
+                          "architecture "
                           "(hidden_size, intermediate_size, num_hidden_layers, ...) to plan without the weights")
-    if llm.get("model_type") not in ("llama", "mistral"):
-        raise ConfigError(f"model.llm: `para-train plan` models Llama-style LLMs; this one is {llm.get('model_type')!r}")
-    unet = build.unet_config(m.unet)
     vae_path = Path(m.vae.path).expanduser()
     if m.vae.path == "tiny":
         vae = dict(TINY_VAE)
@@ -316,30 +83,36 @@ def architecture(cfg) -> Architecture:
     else:
         vae = dict(SDXL_VAE)
         notes.append(f"VAE: no config.json at {m.vae.path} here; assuming SDXL's VAE architecture")
-    return Architecture(llm, unet, vae, notes)
+    return Architecture(llm, build.unet_config(m.unet), vae, notes)
 
 
 def build_meta_model(cfg, arch: Architecture, dtype):
-    """The ParaDiffusion module on the meta device, frozen per stage exactly as training freezes it."""
+    """The ParaDiffusion module on the meta device, from the builders and the freezing rule the engine uses.
+
+    training.engine.build_model itself cannot run here: it needs a process group (deepspeed.zero.Init), the
+    tokenizer and the weight files on this machine, and a real-scale model would need its memory. So this makes
+    the same parts with the same models/build.py builders, in the engine's order (LoRA after the base LLM),
+    and freezes them with the engine's rule (files.names.trains)."""
     import torch
     from transformers import AutoConfig
 
+    from para_train.files import names
     from para_train.models import build
     from para_train.models.paradiffusion import ParaDiffusion, TextEncoder
 
     m = cfg.model
-    with torch.device("meta"):
-        llm_conf = AutoConfig.for_model(**arch.llm)
-        llm = build.build_llm(llm_conf)
-        unet = build.build_unet(arch.unet)
-        width, cross = llm_conf.hidden_size, arch.unet.get("cross_attention_dim", 1280)
+    with torch.device("meta"):  # the parts with parameters; the wrapper's noise schedule is small and stays real
+        llm = build.build_llm(AutoConfig.for_model(**arch.llm))
+        width, cross = arch.llm["hidden_size"], arch.unet.get("cross_attention_dim", 1280)
         projection = build.build_projection(width, cross) if m.projection else None
         if m.lora.enabled:
             llm = build.add_lora(llm, m.lora)
-        model = ParaDiffusion(TextEncoder(llm, m.llm.layer, projection), unet, m.prediction_type, m.min_snr_gamma,
-                              m.num_train_timesteps, zero_terminal_snr=m.zero_terminal_snr).to(dtype)
-    for name, p in model.named_parameters():  # as para_train.training.engine.build_model
-        p.requires_grad_(not name.startswith("text_encoder.llm.") or "lora_" in name)
+        unet = build.build_unet(arch.unet)
+    model = ParaDiffusion(TextEncoder(llm, m.llm.layer, projection), unet, m.prediction_type, m.min_snr_gamma,
+                          m.num_train_timesteps, image_size=cfg.data.resolution,
+                          zero_terminal_snr=m.zero_terminal_snr).to(dtype)
+    for name, p in model.named_parameters():
+        p.requires_grad_(names.trains(name))
     return model
 
 
@@ -360,20 +133,22 @@ def inventory(model, vae_config: dict, persistence_threshold: int) -> Inventory:
     import torch
     from diffusers import AutoencoderKL
 
-    params = list(model.named_parameters())
-    largest = max(sum(p.numel() for p in mod.parameters(recurse=False)) for mod in model.modules())
-    emb = model.text_encoder.llm.get_input_embeddings().weight.numel()
+    from para_train.files import names
+
+    params = [(n, p.numel(), p.requires_grad) for n, p in model.named_parameters()]
     with torch.device("meta"):
         vae = sum(p.numel() for p in AutoencoderKL(**vae_config).parameters())
-    return Inventory(trainable=sum(p.numel() for _, p in params if p.requires_grad),
-                     frozen=sum(p.numel() for _, p in params if not p.requires_grad), frozen_llm_embedding=emb,
-                     largest_layer=largest, persistent=sum(p.numel() for _, p in params if p.numel() <= persistence_threshold),
-                     llm=sum(p.numel() for n, p in params if n.startswith("text_encoder.llm.") and "lora_" not in n),
-                     unet=sum(p.numel() for n, p in params if n.startswith("unet.")),
-                     lora=sum(p.numel() for n, p in params if "lora_" in n), vae=vae)
+    return Inventory(trainable=sum(k for _, k, g in params if g), frozen=sum(k for _, k, g in params if not g),
+                     frozen_llm_embedding=model.text_encoder.llm.get_input_embeddings().weight.numel(),
+                     largest_layer=max(sum(p.numel() for p in mod.parameters(recurse=False))
+                                       for mod in model.modules()),
+                     persistent=sum(k for _, k, _ in params if k <= persistence_threshold),
+                     llm=sum(k for n, k, _ in params if n.startswith(names.LLM_PREFIX) and not names.is_lora(n)),
+                     unet=sum(k for n, k, _ in params if n.startswith(names.UNET_PREFIX)),
+                     lora=sum(k for n, k, _ in params if names.is_lora(n)), vae=vae)
 
 
-# ====================================================================== activation memory, traced
+# ====================================================================== one training step, traced
 
 
 class _LiveBytes:
@@ -421,10 +196,6 @@ class _LiveBytes:
             self.live += size
             self.peak = max(self.peak, self.live)
 
-    def reset_peak(self) -> None:
-        self._sweep()
-        self.peak = self.live
-
 
 def _fakeify(module, fake_mode) -> None:
     """Replace meta parameters and buffers by fake CPU tensors (shapes and dtypes only, no memory)."""
@@ -441,9 +212,85 @@ def _fakeify(module, fake_mode) -> None:
                     mod._buffers[key] = torch.empty(b.shape, dtype=b.dtype)
 
 
-def trace_step_memory(cfg, arch: Architecture, dtype, micro_batch: int, encode_images: bool, encode_text: bool,
-                      unet_checkpointing: bool, llm_checkpointing: bool) -> int:
-    """Peak bytes of activations (and other temporaries) in one training micro-step, traced on fake tensors.
+PARTS = ("llm", "vae", "projection", "unet")
+
+
+@dataclass
+class Flops:
+    """FLOPs of one part of a training step, per sample, as torch.utils.flop_counter counts them."""
+    forward: int = 0
+    backward: int = 0  # without checkpointing
+    recompute: int = 0  # what checkpointing adds to the backward: the forward it runs again (PyTorch stops early)
+
+    @property
+    def train(self) -> int:
+        return self.forward + self.backward + self.recompute
+
+
+class _Totals:
+    """FlopCounterMode's module tracker reduced to what its totals need: every op counted under "Global"."""
+    parents = {"Global"}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+
+def flop_counter():
+    """torch.utils.flop_counter.FlopCounterMode as the trace needs it. Two changes, both because of the trace:
+    - torch's table knows the GPU attention kernels (flash, memory-efficient, cuDNN), not the fused CPU one the
+      fake trace runs: that one gets the same formulas (torch's own);
+    - its ModuleTracker (per-module figures, unused here) holds on to every module's inputs and outputs, which
+      checkpointing would free: the traced stage-1 peak with UNet checkpointing rose from 5.0 to 12.5 GiB."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+    aten = torch.ops.aten
+    counter = FlopCounterMode(display=False, custom_mapping={
+        aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *_, **__: sdpa_flop_count(q, k, v),
+        aten._scaled_dot_product_flash_attention_for_cpu_backward:
+            lambda grad, q, k, v, *_, **__: sdpa_backward_flop_count(grad, q, k, v)})
+    assert hasattr(counter, "mod_tracker"), "torch.utils.flop_counter changed: see para_train.plan.flop_counter"
+    counter.mod_tracker = _Totals()
+    return counter
+
+
+class _FlopParts:
+    """Splits a flop counter's running total between the parts of a step: read where one part ends and the next
+    begins, and in the backward when the gradient of a part's input is complete. Autograd on the CPU runs the
+    nodes made later in the forward first, so by then that part's backward has run whole and no earlier part's."""
+
+    def __init__(self, counter):
+        self.counter, self.seen = counter, 0
+        self.forward, self.backward = dict.fromkeys(PARTS, 0), dict.fromkeys(PARTS, 0)
+
+    def end(self, into: dict, part: str) -> None:
+        total = self.counter.get_total_flops()
+        into[part] += total - self.seen
+        self.seen = total
+
+    def backward_ends(self, inputs: list) -> str:
+        """Marks the end of each part's backward at its input, in backward order: [(part, input), ...]. Returns the
+        part the backward ends in (the first whose input needs no gradient)."""
+        for part, x in inputs:
+            if not x.requires_grad:
+                return part
+            x.register_hook(lambda grad, part=part: self.end(self.backward, part))
+        return inputs[-1][0]
+
+
+@dataclass
+class Trace:
+    peak: int  # bytes of activations and other temporaries
+    forward: dict[str, int]  # part -> FLOPs of the micro batch
+    backward: dict[str, int]  # with the recomputation of checkpointed parts
+
+
+def trace_step(cfg, arch: Architecture, dtype, micro_batch: int, encode_images: bool, encode_text: bool,
+               unet_checkpointing: bool, llm_checkpointing: bool) -> Trace:
+    """One training micro-step traced on fake tensors: its peak memory and its FLOPs by part.
 
     Runs the trainer's forward (VAE encode under no_grad, the LLM, the UNet and the loss) and the
     backward pass with the real modules, dtypes and checkpointing. Parameter gradients are dropped
@@ -455,18 +302,17 @@ def trace_step_memory(cfg, arch: Architecture, dtype, micro_batch: int, encode_i
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     model = build_meta_model(cfg, arch, dtype)
-    if llm_checkpointing:
+    if llm_checkpointing:  # as the engine enables them
         model.text_encoder.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if unet_checkpointing:
         model.unet.enable_gradient_checkpointing()
     model.train()
     with torch.device("meta"):
         vae = AutoencoderKL(**arch.vae).to(dtype).eval()
-    fake = FakeTensorMode()
+    fake = FakeTensorMode(allow_non_fake_inputs=True)  # the noise schedule's real tensors become fake where used
     _fakeify(model, fake)
     _fakeify(vae, fake)
-    m, b = cfg.model, micro_batch
-    res = cfg.data.resolution
+    m, b, res = cfg.model, micro_batch, cfg.data.resolution
     down = 2 ** (len(arch.vae["block_out_channels"]) - 1)
     latent_shape = (b, arch.unet.get("in_channels", 4), res // down, res // down)
     with fake:
@@ -478,7 +324,8 @@ def trace_step_memory(cfg, arch: Architecture, dtype, micro_batch: int, encode_i
         ids = torch.zeros(b, m.llm.max_length, dtype=torch.long)
         mask = torch.ones(b, m.llm.max_length, dtype=torch.long)
         noise, t = torch.empty(latent_shape), torch.zeros(b, dtype=torch.long)
-        with live.mode:
+        with live.mode, flop_counter() as counter:
+            parts, last = _FlopParts(counter), []
             if encode_images:
                 with torch.no_grad():
                     pixels = torch.empty(b, 3, res, res, dtype=dtype)
@@ -486,6 +333,7 @@ def trace_step_memory(cfg, arch: Architecture, dtype, micro_batch: int, encode_i
                 del pixels
             else:
                 latents = torch.empty(latent_shape)
+            parts.end(parts.forward, "vae")
             if encode_text:
                 # The LLM runs without the padding mask here: transformers inspects the mask's values, which
                 # fake tensors do not have; the memory differs by the mask itself.
@@ -496,18 +344,29 @@ def trace_step_memory(cfg, arch: Architecture, dtype, micro_batch: int, encode_i
                 del out
             else:
                 text = torch.empty(b, m.llm.max_length, arch.llm["hidden_size"], dtype=dtype)
+            parts.end(parts.forward, "llm")
+
+            def unet_starts(unet, args, kwargs):  # the projection (if any) has run
+                parts.end(parts.forward, "projection")
+                inputs = [("unet", kwargs["encoder_hidden_states"])] + ([("projection", text)] if m.projection else [])
+                last.append(parts.backward_ends(inputs + [("llm", ids)]))
+
+            hook = model.unet.register_forward_pre_hook(unet_starts, with_kwargs=True)
             loss = model(latents, ids, mask, noise, t, text_BLD=text)
+            hook.remove()
+            parts.end(parts.forward, "unet")
             del latents, text
             loss.backward()
-    return live.peak
+            parts.end(parts.backward, last[0])
+    return Trace(live.peak, parts.forward, parts.backward)
 
 
-_TRACES: dict[str, int] = {}
+_TRACES: dict[str, Trace] = {}
 
 
-def _traced_step_memory(cfg, arch: Architecture, dtype, micro_batch: int, *flags: bool) -> int:
-    """trace_step_memory, once per process for each model, batch and set of flags (a trace of a
-    real-scale model takes tens of seconds; a fix is checked with the same traces)."""
+def _traced_step(cfg, arch: Architecture, dtype, micro_batch: int, *flags: bool) -> Trace:
+    """trace_step, once per process for each model, batch and set of flags (a trace of a real-scale model takes
+    tens of seconds; a fix is checked with the same traces)."""
     import json
 
     model = cfg.to_dict()["model"]
@@ -516,7 +375,7 @@ def _traced_step_memory(cfg, arch: Architecture, dtype, micro_batch: int, *flags
     key = json.dumps([model, cfg.data.resolution, arch.llm, arch.unet, arch.vae, str(dtype), micro_batch, flags],
                      sort_keys=True, default=str)
     if key not in _TRACES:
-        _TRACES[key] = trace_step_memory(cfg, arch, dtype, micro_batch, *flags)
+        _TRACES[key] = trace_step(cfg, arch, dtype, micro_batch, *flags)
     return _TRACES[key]
 
 
@@ -574,7 +433,7 @@ class StagePlan:
     lora_trains: bool
     ema: bool
     activations_per_sample: dict[tuple[bool, bool], int]  # (UNet, LLM checkpointing) -> traced peak / micro batch
-    flops_per_sample: dict[str, Flops]  # llm, vae, unet, projection
+    flops_per_sample: dict[str, Flops]  # PARTS -> FLOPs
     memory: Memory | None  # set by make_plan once the rest is known
     comm_bytes_per_step: dict[str, int]
     ds_config: dict
@@ -666,8 +525,8 @@ def make_plan(cfg, setup: Setup) -> StagePlan:
     if setup.gpu not in GPUS:
         raise ConfigError(f"--gpu {setup.gpu}: unknown; choose one of {', '.join(GPUS)}")
     if setup.precomputed == "latents+text" and cfg.run.stage != 1:
-        raise ConfigError(f"--precomputed latents+text: stage {cfg.run.stage} trains LoRA on the LLM, so its text features "
-                          "change every step; only stage 1 can use precomputed text features")
+        raise ConfigError(f"--precomputed latents+text: stage {cfg.run.stage} trains LoRA on the LLM, so its text "
+                          "features change every step; only stage 1 can use precomputed text features")
     cluster = DistEnv(rank=0, world_size=setup.world_size, local_rank=0, local_world_size=setup.gpus_per_node,
                       use_cuda=True, mlflow_tracking_uri=None, slurm_job_id=None, cpu_threads=1)
     ds = deepspeed_config(cfg, cluster)  # exactly what the trainer would hand DeepSpeed on those GPUs
@@ -685,23 +544,14 @@ def make_plan(cfg, setup: Setup) -> StagePlan:
     encode_images = setup.precomputed == "none"
     encode_text = setup.precomputed != "latents+text"
     lora_trains = m.lora.enabled
-    res = cfg.data.resolution
-    down = 2 ** (len(arch.vae["block_out_channels"]) - 1)
-    tokens = m.llm.max_length
-    llm_f = llama_flops(arch.llm, tokens, m.lora.rank if lora_trains else 0, tuple(m.lora.target_modules),
-                        trainable=lora_trains, checkpointing=m.llm.gradient_checkpointing) if encode_text else Flops()
-    flops = {"llm": llm_f,
-             "vae": Flops(forward=vae_encode_flops(arch.vae, res)) if encode_images else Flops(),
-             "unet": unet_flops(arch.unet, res // down, tokens, text_needs_grad=lora_trains or m.projection,
-                                checkpointing=m.unet.gradient_checkpointing)}
-    if m.projection:
-        proj = Flops()
-        proj.gemm(2 * tokens * arch.llm["hidden_size"] * arch.unet["cross_attention_dim"], lora_trains, True)
-        flops["projection"] = proj
     configured = (m.unet.gradient_checkpointing, m.llm.gradient_checkpointing and lora_trains)
-    per_sample = {}
-    for ckpt in dict.fromkeys([configured, (False, False), (True, lora_trains)]):
-        per_sample[ckpt] = _traced_step_memory(cfg, arch, dtype, b, encode_images, encode_text, *ckpt) // b
+    traces = {ckpt: _traced_step(cfg, arch, dtype, b, encode_images, encode_text, *ckpt)
+              for ckpt in dict.fromkeys([configured, (False, False), (True, lora_trains)])}
+    run, plain = traces[configured], traces[(False, False)]  # the recomputation: their backwards' difference
+    flops = {p: Flops(run.forward[p] // b, plain.backward[p] // b, (run.backward[p] - plain.backward[p]) // b)
+             for p in PARTS}
+    per_sample = {ckpt: trace.peak // b for ckpt, trace in traces.items()}
+    res, tokens = cfg.data.resolution, m.llm.max_length
     plan = StagePlan(stage=cfg.run.stage, setup=setup, gpu=GPUS[setup.gpu], arch=arch, inv=inv, precision=precision,
                      micro_batch=b, grad_accum=t.grad_accum, offload_optimizer="offload_optimizer" in zero,
                      offload_params="offload_param" in zero, unet_checkpointing=configured[0],
@@ -782,33 +632,38 @@ def format_plan(plan: StagePlan, config_name: str) -> str:
     s, g, inv, mem = plan.setup, plan.gpu, plan.inv, plan.memory
     n = s.world_size
     lines = [f"para-train plan: {config_name}, stage {plan.stage}, {s.nodes} node(s) x {s.gpus_per_node} {s.gpu} "
-             f"({g.note}: {g.memory_gib:g} GiB, {g.bf16_tflops:g} bf16 TFLOP/s dense) = {n} GPUs, {plan.precision}, ZeRO-3"]
+             f"({g.note}: {g.memory_gib:g} GiB, {g.bf16_tflops:g} bf16 TFLOP/s dense) = {n} GPUs, {plan.precision}, "
+             "ZeRO-3"]
     lines += [f"  note: {x}" for x in plan.arch.notes]
     lora = f" + LoRA {_params(inv.lora)} trained" if inv.lora else ""
     lines += ["", "model",
               f"  LLM {_params(inv.llm)} frozen{lora}; UNet {_params(inv.unet)} trained; "
               f"VAE {_params(inv.vae)} frozen (outside DeepSpeed, one copy per GPU)",
-              f"  trained {_params(inv.trainable)}, frozen {_params(inv.frozen)}; largest layer {_params(inv.largest_layer)}; "
+              f"  trained {_params(inv.trainable)}, frozen {_params(inv.frozen)}; "
+              f"largest layer {_params(inv.largest_layer)}; "
               f"{_params(inv.persistent)} in tensors kept whole (stage3_param_persistence_threshold)"]
     f = plan.flops_per_sample
     inputs = {"none": "images and text encoded every step", "latents": "precomputed latents, text encoded every step",
               "latents+text": "precomputed latents and text features"}[s.precomputed]
-    lines += ["", f"FLOPs per sample ({inputs}; matmul + conv, as torch.utils.flop_counter counts)"]
-    for name, label in (("llm", "LLM"), ("vae", "VAE encode"), ("unet", "UNet"), ("projection", "projection")):
-        if name in f and f[name].train:
-            x = f[name]
-            lines.append(f"  {label:<11} forward {x.forward / 1e12:8.3f} T  backward {x.backward / 1e12:8.3f} T  "
-                         f"recompute {x.recompute / 1e12:7.3f} T")
     total_f = sum(x.train for x in f.values())
-    lines.append(f"  total {total_f / 1e12:.3f} TFLOP per sample")
+    scale, unit = (1e12, "T") if total_f >= 1e11 else (1e9, "G")  # the tiny model's are GFLOPs
+    lines += ["", f"FLOPs per sample ({inputs}; traced, as torch.utils.flop_counter counts)"]
+    for name, label in (("llm", "LLM"), ("vae", "VAE encode"), ("unet", "UNet"), ("projection", "projection")):
+        if f[name].train:
+            x = f[name]
+            lines.append(f"  {label:<11} forward {x.forward / scale:8.3f} {unit}  backward {x.backward / scale:8.3f} "
+                         f"{unit}  recompute {x.recompute / scale:7.3f} {unit}")
+    lines.append(f"  total {total_f / scale:.3f} {unit}FLOP per sample")
 
     ckpt_label = {(False, False): "no checkpointing", (True, False): "UNet checkpointed",
                   (True, True): "UNet + LLM checkpointed", (False, True): "LLM checkpointed"}
     configured = (plan.unet_checkpointing, plan.llm_checkpointing)
-    offload = ", ".join(x for x, on in (("optimizer", plan.offload_optimizer), ("parameters", plan.offload_params)) if on)
+    offload = ", ".join(x for x, on in (("optimizer", plan.offload_optimizer), ("parameters", plan.offload_params))
+                        if on)
     down = 2 ** (len(plan.arch.vae["block_out_channels"]) - 1)
     lines += ["", f"memory per GPU (micro batch {plan.micro_batch}, {plan.resolution} px = {plan.resolution // down}x"
-              f"{plan.resolution // down} latents, {plan.text_tokens} text tokens{', offload: ' + offload if offload else ''})",
+              f"{plan.resolution // down} latents, {plan.text_tokens} text tokens"
+              f"{', offload: ' + offload if offload else ''})",
               f"  trained states    {_gib(mem.trainable_states):>11}   {_states_note(plan)}",
               f"  frozen shards     {_gib(mem.frozen_states):>11}   {_params(inv.frozen)} x "
               f"{_bytes_per_param(plan.precision)} B / {n} (no gradients, no optimizer state)",
@@ -841,7 +696,8 @@ def format_plan(plan: StagePlan, config_name: str) -> str:
               f"  compute {plan.flops_per_step_per_gpu / 1e12:.1f} TFLOP per GPU per step: {plan.compute_s:.2f} s; "
               f"communication {plan.comm_s:.2f} s; "
               + ("overlapped (overlap_comm)" if plan.overlap else "not overlapped"),
-              f"  step {plan.step_s:.2f} s, global batch {plan.global_batch}: {plan.global_batch / plan.step_s:.0f} samples/s",
+              f"  step {plan.step_s:.2f} s, global batch {plan.global_batch}: "
+              f"{plan.global_batch / plan.step_s:.0f} samples/s",
               f"  {plan.samples:.3g} samples = {plan.steps} steps: {_duration(plan.steps * plan.step_s)} on {n} GPUs "
               f"({plan.steps * plan.step_s * n / 3600:,.0f} GPU-hours)"]
     if plan.comm_s > plan.compute_s:
@@ -857,7 +713,8 @@ def format_plan(plan: StagePlan, config_name: str) -> str:
         fix = suggest_fix(plan)
         lines.append(f"verdict: DOES NOT FIT: needs {_gib(mem.total)} per GPU, the {s.gpu} has {g.memory_gib:g} GiB")
         if fix is None:
-            lines.append("  not even with micro batch 1, checkpointing and full CPU offload: use more GPUs (model states "
+            lines.append("  not even with micro batch 1, checkpointing and full CPU offload: use more GPUs "
+                         "(model states "
                          "shrink with their number) or GPUs with more memory")
         else:
             changes, fixed = fix
@@ -880,31 +737,11 @@ def _states_note(plan: StagePlan) -> str:
 # ====================================================================== command line
 
 
-def _stage_of(config: str | None, stage: int | None) -> int:
-    import yaml
-
-    from para_train.config import ConfigError
-
-    if stage is not None:
-        return stage
-    if config is None:
-        raise ConfigError("--stage: give --stage 1|2|3 (or --config with run.stage or a stageN_*.yaml name)")
-    path = Path(config)
-    if not path.is_file():
-        raise ConfigError(f"--config: file {config} does not exist")
-    data = yaml.safe_load(path.read_text())
-    if isinstance(data, dict) and (data.get("run") or {}).get("stage"):
-        return int(data["run"]["stage"])
-    found = re.match(r"stage([123])[_.-]", path.name)
-    if found is None:
-        raise ConfigError(f"--stage: {config} names no stage (no run.stage, not stageN_*.yaml); give --stage 1|2|3")
-    return int(found.group(1))
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default=None, help="a stage YAML, e.g. configs/stage1_pretrain.yaml")
-    parser.add_argument("--stage", type=int, choices=(1, 2, 3), default=None,
-                        help="default: the YAML's run.stage, else the N in stageN_*.yaml")
+    parser.add_argument("--stage", type=int, choices=(1, 2, 3), required=True,
+                        help="1 pretrain, 2 alignment, 3 quality (as for para_train/main.py)")
+    parser.add_argument("--config", default=None, help="a stage YAML, e.g. configs/stage1_pretrain.yaml "
+                        "(default: the embedded tiny model)")
     parser.add_argument("--nodes", type=int, required=True)
     parser.add_argument("--gpus-per-node", type=int, default=8)
     parser.add_argument("--gpu", required=True, choices=sorted(GPUS))
@@ -940,8 +777,7 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError("--nodes and --gpus-per-node must be >= 1")
         if not 0 < args.mfu <= 1:
             raise ConfigError(f"--mfu {args.mfu}: give a fraction in (0, 1], e.g. 0.4")
-        stage = _stage_of(args.config, args.stage)
-        cfg = load_config(stage, args.config, args.overrides)
+        cfg = load_config(args.stage, args.config, args.overrides)
         setup = Setup(args.nodes, args.gpus_per_node, args.gpu, args.mfu, args.net_gbps, args.headroom, args.samples,
                       args.precomputed)
         plan = make_plan(cfg, setup)

@@ -14,14 +14,17 @@ from PIL import Image
 
 
 def make_scheduler(num_train_timesteps: int = 1000, prediction_type: str = "epsilon", zero_terminal_snr: bool = False):
-    """The training schedule's sampler. With zero terminal SNR: diffusers' rescaled betas, sampling steps that start
-    at the last (pure-noise) timestep and a final step to sigma 0, as Lin et al. prescribe."""
+    """DPM-Solver++ on the training schedule (models.paradiffusion.noise_scheduler's config). With zero terminal SNR:
+    sampling steps that start at the last (pure-noise) timestep and a final step to sigma 0, as Lin et al. prescribe."""
     from diffusers import DPMSolverMultistepScheduler
 
-    zsnr = dict(rescale_betas_zero_snr=True, timestep_spacing="trailing", final_sigmas_type="zero")
-    return DPMSolverMultistepScheduler(num_train_timesteps=num_train_timesteps, beta_start=0.00085, beta_end=0.012,
-                                       beta_schedule="scaled_linear", prediction_type=prediction_type,
-                                       algorithm_type="dpmsolver++", solver_order=2,
+    from para_train.models.paradiffusion import noise_scheduler
+
+    train = noise_scheduler(num_train_timesteps, prediction_type, zero_terminal_snr).config
+    keep = {k: train[k] for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type",
+                                  "rescale_betas_zero_snr")}  # DDPM's sampling options (clip_sample, ...) stay behind
+    zsnr = dict(timestep_spacing="trailing", final_sigmas_type="zero")
+    return DPMSolverMultistepScheduler(**keep, algorithm_type="dpmsolver++", solver_order=2,
                                        **(zsnr if zero_terminal_snr else {}))
 
 

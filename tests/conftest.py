@@ -34,11 +34,9 @@ def rank_env(extra: dict | None = None) -> dict:
 
 
 def free_port() -> int:
-    import socket
+    from para_train.training.distributed import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_port()
 
 
 def deepspeed_cmd(stage: int, overrides: list[str], num_procs: int = 2, cli: bool = False) -> list[str]:

@@ -24,15 +24,12 @@ def run(run_dir: Path, cache_dir: Path) -> list[dict]:
     import torch
 
     from para_train.config import load_config
-    from para_train.training.trainer import Trainer
+    from para_train.main import run_stage
+    from para_train.training.resolve import resolve
 
     torch.set_num_threads(2)  # the reduction order of the run that made the file
     cfg = load_config(1, overrides=[f"run.dir={run_dir}", f"data.cache_dir={cache_dir}", *OVERRIDES])
-    trainer = Trainer(cfg, _env())
-    try:
-        trainer.train()
-    finally:
-        trainer.close()
+    run_stage(resolve(cfg, _env()))
     rows = [json.loads(x) for x in (run_dir / "stage1" / "metrics.jsonl").read_text().splitlines() if x]
     return [{k: v for k, v in r.items() if k == "step" or k in KEYS or k.startswith("val/")} for r in rows]
 

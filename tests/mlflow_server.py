@@ -1,4 +1,4 @@
-"""A real `mlflow server` on a free loopback port, for tests.
+"""A real `mlflow server` on a free loopback port, for tests and benchmarks/bench_tracking.py.
 
     with MlflowServer(tmp_dir) as server:      # starts it and waits for /health (~17 s here)
         client = MlflowClient(server.uri)
@@ -17,7 +17,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from conftest import free_port
+from para_train.training.distributed import free_port
 
 
 class MlflowServer:

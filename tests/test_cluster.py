@@ -124,7 +124,7 @@ def preempted(slurm, cache_dir, tmp_path_factory) -> Job:
 
 
 def test_two_node_job_trains_one_rank_per_node_and_checkpoints(preempted):
-    from para_train.training.checkpoint import latest_checkpoint, read_meta
+    from para_train.files.complete import latest_checkpoint, read_meta
 
     job = preempted
     assert job.info.exit_code == 0, job.describe()

@@ -9,7 +9,7 @@ from PIL import Image
 from para_train.cli import main as cli_main
 from para_train.data.convert import convert
 from para_train.data.loader import open_shards
-from para_train.data.synthetic import synthetic_sample
+from para_train.scenes.synthetic import synthetic_sample
 from para_train.models.build import load_tokenizer
 from para_train.models.tiny import tiny_llama_dir
 

@@ -91,7 +91,7 @@ def test_batches_cut_shared_padding_without_changing_the_text_features(tmp_path,
     model.llm.max_length=512, and the LLM's features of the real tokens are those of the fully padded batch; paragraphs keep what they need."""
     from transformers import AutoModel
 
-    from para_train.data.synthetic import synthetic_sample
+    from para_train.scenes.synthetic import synthetic_sample
     from para_train.models.paradiffusion import TextEncoder
 
     tok = load_tokenizer(str(tiny_llama_dir(cache_dir)), 512)

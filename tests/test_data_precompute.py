@@ -96,7 +96,8 @@ def _tokenizer(cache_dir):
 
 def test_the_trainer_trains_on_precomputed_latents_and_text(shards, cache_dir, tmp_path):
     from para_train.training.distributed import init_process_group, read_env
-    from para_train.training.trainer import Trainer
+    from para_train.main import run_stage
+    from para_train.training.resolve import resolve
 
     env = read_env()
     init_process_group(env)
@@ -104,10 +105,6 @@ def test_the_trainer_trains_on_precomputed_latents_and_text(shards, cache_dir, t
     cfg = cfg_for(1, cache_dir, f"data.remote={root / 'pre'}", f"run.dir={tmp_path}", "train.steps=3",
                   "train.log_every=1", "checkpoint.every=1000", "sample.num_images=0", "tracking.enabled=false",
                   "data.caption_dropout=0.5")
-    trainer = Trainer(cfg, env)
-    try:
-        trainer.train()  # its batches hold latents and text embeddings, no pixels
-    finally:
-        trainer.close()
+    run_stage(resolve(cfg, env))  # its batches hold latents and text embeddings, no pixels
     rows = read_metrics(tmp_path / "stage1")
     assert [r["step"] for r in rows] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in rows)

@@ -16,10 +16,10 @@ from PIL import Image, ImageDraw, ImageFilter
 from safetensors.torch import load_file, save_file
 
 from para_train.cli import main
-from para_train.data.synthetic import BACKGROUNDS, COLORS, Scene, SceneObject, make_scene, render
-from para_train.inference.evaluate import (description_starts, eval_set, ground_truth, metrics, num_tokens,
-                                           score_items, summarize)
-from para_train.inference.faithfulness import CHECKS, _draw, chance_colour_region, coincides, score_image
+from para_train.scenes.synthetic import BACKGROUNDS, COLORS, Scene, SceneObject, make_scene, render
+from para_train.scenes.eval_set import (description_starts, eval_set, ground_truth, metrics, num_tokens,
+                                       score_items, summarize)
+from para_train.scenes.faithfulness import CHECKS, _draw, chance_colour_region, coincides, score_image
 from test_generate import tiny_export
 
 

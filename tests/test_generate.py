@@ -24,7 +24,7 @@ def tiny_export(cache_dir: Path) -> Path:
     from para_train.inference.export import export_model
     from para_train.models import build
     from para_train.models.paradiffusion import ParaDiffusion, TextEncoder
-    from para_train.training import weights
+    from para_train.files import model_weights as weights
 
     stage = cache_dir / "test-exports" / "run" / "stage2"
     cfg = load_config(2, overrides=[f"run.dir={stage.parent}", f"data.cache_dir={cache_dir}",

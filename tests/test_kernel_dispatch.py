@@ -20,7 +20,7 @@ from transformers import LlamaConfig, LlamaModel
 from para_train import kernel_dispatch
 from para_train.kernel_dispatch import FusedLoraLinear, apply_kernels, remove_kernels
 from para_train.kernels import interpreter_active
-from para_train.kernels.reference import assert_close, cross_attention_reference, lengths_to_mask
+from para_train.kernels.reference import cross_attention_reference, lengths_to_mask
 
 needs_interpreter = pytest.mark.skipif(
     not interpreter_active(),
@@ -75,7 +75,8 @@ def one_thread():
 
 def assert_same(got, want, name):
     """fp32 agreement up to summation order: errors scale with the tensor's largest entry."""
-    assert_close(got, want, atol=1e-5 * max(1.0, want.abs().max().item()), rtol=1e-4, name=name)
+    torch.testing.assert_close(got, want, atol=1e-5 * max(1.0, want.abs().max().item()), rtol=1e-4,
+                               msg=lambda m: f"{name}: {m}")
 
 
 @pytest.fixture
@@ -351,4 +352,5 @@ def test_training_losses_match_with_and_without_kernels(kernel_calls):
     got = _train(fused)
     assert kernel_calls == {"lora": 5 * 8, "attention": 5 * 4}
     assert want[-1] != want[0]  # the model does train
-    assert_close(torch.tensor(got), torch.tensor(want), atol=0.0, rtol=1e-4, name="losses per step")
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), atol=0.0, rtol=1e-4,
+                               msg=lambda m: f"losses per step: {m}")

@@ -5,7 +5,7 @@ import random
 import numpy as np
 import torch
 
-from para_train.inference.evaluate import eval_set, ground_truth, score_items, summarize
+from para_train.scenes.eval_set import eval_set, ground_truth, score_items, summarize
 from para_train.models.build import load_tokenizer, load_vae
 from para_train.models.tiny import _scene_pixels, reconstruction_psnr, tiny_llama_dir, tiny_vae_dir
 from para_train.sampling import to_pil

@@ -17,6 +17,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from conftest import free_port  # noqa: E402
 from mlflow_server import MlflowServer  # noqa: E402
 from para_train import tracking  # noqa: E402
+from para_train.config import ConfigError  # noqa: E402
 from para_train.tracking import FALLBACK_FILE, PARENT_RUN_TAG, TrackingConfig, create_tracker  # noqa: E402
 
 
@@ -220,7 +221,7 @@ def test_unreachable_server_from_the_start_goes_to_the_fallback_file(tmp_path, c
 
 def test_server_killed_mid_run_falls_back_then_recovers(servers, tmp_path, caplog, monkeypatch):
     server = servers["doomed"]
-    monkeypatch.setattr(tracking, "_RETRY_OFFLINE_S", 5.0)  # < the restart time
+    monkeypatch.setattr(tracking.worker, "_RETRY_OFFLINE_S", 5.0)  # < the restart time
     cfg = TrackingConfig(uri=server.uri, experiment="killed", shutdown_timeout_s=10.0)
     closed_while_down = create_tracker(cfg, str(tmp_path / "a"), rank=0)
     survivor = create_tracker(cfg, str(tmp_path / "b"), rank=0)
@@ -259,14 +260,14 @@ def test_server_killed_mid_run_falls_back_then_recovers(servers, tmp_path, caplo
 
 
 def test_close_gives_up_on_a_server_that_never_answers(tmp_path, caplog, monkeypatch):
-    monkeypatch.setattr(tracking, "_START_WAIT_S", 1.0)  # create_tracker's wait; saves the test 9 s
+    monkeypatch.setattr(tracking.trackers, "_START_WAIT_S", 1.0)  # create_tracker's wait; saves the test 9 s
     with socket.socket() as silent:  # the kernel accepts connections; nobody ever answers
         silent.bind(("127.0.0.1", 0))
         silent.listen(64)
         cfg = TrackingConfig(uri=f"http://127.0.0.1:{silent.getsockname()[1]}", queue_size=4, shutdown_timeout_s=2.0)
         start = time.monotonic()
         tracker = create_tracker(cfg, str(tmp_path), rank=0)
-        assert time.monotonic() - start < tracking._START_WAIT_S + 1
+        assert time.monotonic() - start < tracking.trackers._START_WAIT_S + 1
         slowest_call = 0.0
         for step in range(1, 11):
             start = time.perf_counter()
@@ -294,6 +295,7 @@ def test_other_ranks_and_disabled_tracking_write_nothing(tmp_path, rank, enabled
     tracker.log_image(_image(), "samples/x.png")
     tracker.log_artifact(str(artifact))
     tracker.close()
+    assert type(tracker) is tracking.Tracker  # the base, whose methods do nothing
     assert tracker.run_id is None
     assert not run_dir.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]
@@ -308,5 +310,5 @@ def test_other_ranks_and_disabled_tracking_write_nothing(tmp_path, rank, enabled
     ({"shutdown_timeout_s": 0}, "tracking.shutdown_timeout_s"),
 ])
 def test_config_errors_name_the_key(kwargs, key):
-    with pytest.raises(ValueError, match=key):
+    with pytest.raises(ConfigError, match=key):
         TrackingConfig(**kwargs)

@@ -5,7 +5,7 @@ from safetensors.torch import load_file
 
 from para_train.config import load_config
 from para_train.models.tiny import tiny_llama_dir
-from para_train.training import weights
+from para_train.files import model_weights as weights
 from para_train.training.distributed import init_process_group, read_env
 
 
@@ -17,30 +17,48 @@ def dist_env():
     return env
 
 
-def make_trainer(dist_env, stage, run_dir, cache_dir, *overrides):
-    from para_train.training.trainer import Trainer
+class StageRun:
+    """para_train.main.run_stage, a part at a time."""
 
+    def __init__(self, cfg, dist_env):
+        from para_train.main import open_stage
+        from para_train.training.loop import Trainer
+
+        self.stage, self.state = open_stage(cfg, dist_env)
+        self.trainer = Trainer(self.stage, self.state)
+
+    def train(self):
+        from para_train.main import finish
+
+        self.trainer.train()
+        finish(self.stage, self.state)
+
+    def close(self):
+        self.stage.close()
+
+
+def make_trainer(dist_env, stage, run_dir, cache_dir, *overrides):
     cfg = load_config(stage, overrides=[f"run.dir={run_dir}", f"data.cache_dir={cache_dir}", "data.synthetic_samples=64",
                                         "sample.num_images=2", "sample.steps=3", "tracking.enabled=false",
                                         "checkpoint.every=1000", "eval.every=0", *overrides])
-    return Trainer(cfg, dist_env)
+    return StageRun(cfg, dist_env)
 
 
 def gathered(trainer, keep):
-    return weights.gather_full(trainer.model, 0, keep=keep)
+    return weights.gather_full(trainer.stage.model, 0, keep=keep)
 
 
 def test_training_on_one_fixed_batch_drives_the_loss_down(dist_env, tmp_path, cache_dir):
     tr = make_trainer(dist_env, 1, tmp_path, cache_dir, "train.lr=0.001", "train.warmup_steps=1", "train.steps=1000",
                       "train.lr_schedule=constant", "data.caption_dropout=0.0")
-    batch = next(tr._batches())
-    gen_state = tr.gen.get_state()
+    batch = next(tr.trainer.batches())
+    gen_state = tr.stage.gen.get_state()
     losses = []
     for _ in range(40):
-        tr.gen.set_state(gen_state)  # same noise and timesteps every time: only the weights change
-        loss = tr._forward(batch)
-        tr.engine.backward(loss)
-        tr.engine.step()
+        tr.stage.gen.set_state(gen_state)  # same noise and timesteps every time: only the weights change
+        loss = tr.trainer.forward(batch)
+        tr.stage.engine.backward(loss)
+        tr.stage.engine.step()
         losses.append(loss.item())
     tr.close()
     assert losses[-1] < 0.5 * losses[0], losses
@@ -80,7 +98,7 @@ def test_stages_hand_over_exactly(dist_env, tmp_path, cache_dir):
     tr = make_trainer(dist_env, 2, tmp_path, cache_dir, "train.steps=3", "train.precision=bf16", "train.ema_decay=0.5",
                       "model.llm.gradient_checkpointing=true",
                       "model.unet.gradient_checkpointing=true")  # LoRA grads must flow through checkpointed layers
-    assert tr.precision == "bf16"
+    assert tr.stage.run.precision == "bf16"
     unet_start = gathered(tr, is_unet)  # trainable tensors come from the fp32 master
     assert unet_start.keys() == {k for k in stage1_ema if k.startswith("unet.")}
     for k, v in unet_start.items():
@@ -94,7 +112,7 @@ def test_stages_hand_over_exactly(dist_env, tmp_path, cache_dir):
     assert any(not torch.equal(unet_start[k], unet_end[k]) for k in unet_start)
     llm_base_matches_file(gathered(tr, is_llm_base), torch.bfloat16)
     # the EMA follows the fp32 master (the optimizer's own tensors), not the bf16 parameters
-    for src, p in zip(tr.ema.sources, tr.ema.params):
+    for src, p in zip(tr.stage.ema.sources, tr.stage.ema.params):
         assert src.data_ptr() == safe_get_local_fp32_param(p).data_ptr()
     tr.close()
     final = tmp_path / "stage2" / "final"
@@ -145,8 +163,8 @@ def test_stage1_starts_from_an_sdxl_layout_unet_with_config_overrides(dist_env, 
     overrides = json.dumps({"cross_attention_dim": 128, "addition_embed_type": None})  # the tiny LLM's width
     tr = make_trainer(dist_env, 1, tmp_path / "run", cache_dir, f"model.unet.path={folder}",
                       f"model.unet.config={overrides}", "train.steps=1")
-    assert tr.model.unet.config.cross_attention_dim == 128 and tr.model.unet.config.addition_embed_type is None
-    assert tr.model.unet.config.transformer_layers_per_block == [1, 2]  # the rest comes from the folder
+    assert tr.stage.model.unet.config.cross_attention_dim == 128 and tr.stage.model.unet.config.addition_embed_type is None
+    assert tr.stage.model.unet.config.transformer_layers_per_block == [1, 2]  # the rest comes from the folder
     unet = gathered(tr, lambda n, p: n.startswith("unet."))
     widened = {k for k in source if ".attn2.to_k." in k or ".attn2.to_v." in k}
     assert len(widened) == 16  # 8 transformer blocks (2 down, 2 mid, 4 up) x (to_k, to_v), no biases
@@ -157,7 +175,7 @@ def test_stage1_starts_from_an_sdxl_layout_unet_with_config_overrides(dist_env, 
             assert unet["unet." + k].shape[1] == 128 and v.shape[1] == 64  # re-initialised at the new width
         else:
             assert torch.equal(unet["unet." + k], v), k  # copied exactly
-    report = tr.init_report
+    report = tr.stage.init_report
     assert report["init.unet.reinitialised"].startswith(f"{len(widened)}: ")
     assert report["init.unet.dropped"] == "4: add_embedding (4)"
     assert report["init.unet.copied"].startswith(f"{len(source) - len(widened) - 4}: ")
@@ -169,12 +187,12 @@ def test_stage1_starts_from_an_sdxl_layout_unet_with_config_overrides(dist_env, 
     tr = make_trainer(dist_env, 1, tmp_path / "run_micro", cache_dir, f"model.unet.path={folder}",
                       f"model.unet.config={json.dumps({'cross_attention_dim': 128})}", "model.unet.micro_conditioning=true",
                       "train.steps=1")
-    assert tr.model.unet.config.addition_embed_type == "text_time"
-    assert tr.model.unet.config.projection_class_embeddings_input_dim == 128 + 6 * 8
+    assert tr.stage.model.unet.config.addition_embed_type == "text_time"
+    assert tr.stage.model.unet.config.projection_class_embeddings_input_dim == 128 + 6 * 8
     unet = gathered(tr, lambda n, p: n.startswith("unet."))
     assert unet["unet.add_embedding.linear_1.weight"].shape[1] == 176 != source["add_embedding.linear_1.weight"].shape[1]
     assert torch.equal(unet["unet.add_embedding.linear_2.weight"], source["add_embedding.linear_2.weight"])
-    assert "add_embedding (3)" in tr.init_report["init.unet.copied"]  # linear_1.bias, linear_2.weight and .bias
+    assert "add_embedding (3)" in tr.stage.init_report["init.unet.copied"]  # linear_1.bias, linear_2.weight and .bias
     tr.train()  # trains, samples (the sample grid goes through the same added conditions) and exports
     tr.close()
     from para_train.inference.pipeline import ParaDiffusionPipeline
@@ -236,10 +254,10 @@ def test_resume_on_a_different_number_of_ranks(dist_env, three_stages, tmp_path,
 
     tr = make_trainer(dist_env, 1, tmp_path, cache_dir, *args, f"train.steps={more}")
     universal = tmp_path / "stage1" / "checkpoints" / f"universal_{two_rank.name}"
-    assert tr.step == STEPS and (universal / "zero").is_dir()
-    names = [n for n, p in tr.model.named_parameters() if p.requires_grad]
+    assert tr.state.step == STEPS and (universal / "zero").is_dir()
+    names = [n for n, p in tr.stage.model.named_parameters() if p.requires_grad]
     assert len(names) > 20
-    for name, p in tr.model.named_parameters():
+    for name, p in tr.stage.model.named_parameters():
         if not p.requires_grad:
             continue
         saved = universal / "zero" / name

@@ -52,7 +52,7 @@ class PrecomputeSummary:
 
 def build_text_encoder(cfg: Config, device: torch.device, dtype: torch.dtype):
     """The frozen LLM (pretrained weights copied in) and its tokenizer, in one process."""
-    from para_train.training.weights import copy_into
+    from para_train.files.model_weights import copy_into
 
     m = cfg.model
     llm_path = build.resolve_llm_path(m.llm, cfg.cache_dir)

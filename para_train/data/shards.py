@@ -11,7 +11,7 @@ from streaming import MDSWriter
 from tqdm import tqdm
 
 from para_train.data.dataset import DataError
-from para_train.data.synthetic import synthetic_sample
+from para_train.scenes.synthetic import synthetic_sample
 
 log = logging.getLogger(__name__)
 

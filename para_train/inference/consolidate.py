@@ -1,6 +1,6 @@
 """A run's trained weights, read in one process from either
 
-- a stage's `final/` folder (training.weights.save_final: unet/, lora/, projection.safetensors,
+- a stage's `final/` folder (files.model_weights.save_final: unet/, lora/, projection.safetensors,
   ema.safetensors), or
 - a complete ZeRO-3 checkpoint `checkpoints/step_N/` written by any number of ranks: the fp32 master
   weights of the trainable parameters from DeepSpeed's per-rank optimizer files, and the EMA from
@@ -17,7 +17,6 @@ can run code.
 from __future__ import annotations
 
 import logging
-import math
 import pickle
 import re
 from dataclasses import dataclass
@@ -29,14 +28,11 @@ from safetensors.torch import load_file
 
 from para_train.config import Config, ConfigError, config_from_dict
 from para_train.inference import ExportError
-from para_train.models.build import read_weights
-from para_train.training import checkpoint
+from para_train.files import complete, layout, names, zero3
+from para_train.files.safetensors_io import read_weights
 
 log = logging.getLogger(__name__)
 
-LLM_PREFIX = "text_encoder.llm."
-PROJECTION_PREFIX = "text_encoder.projection."
-UNET_PREFIX = "unet."
 _OPTIM_FILE = re.compile(r"zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
 
 
@@ -49,21 +45,12 @@ class TrainedWeights:
     ema: dict[str, torch.Tensor] | None  # their EMA, if asked for and the run kept one
 
 
-def live_name(adapter_key: str) -> str:
-    """peft's saved name (`base_model.model.X.lora_A.weight`) -> the training module's parameter name."""
-    return LLM_PREFIX + re.sub(r"\.(lora_[AB])\.", r".\1.default.", adapter_key)
-
-
-def adapter_name(live: str) -> str:
-    assert live.startswith(LLM_PREFIX), live
-    return re.sub(r"\.(lora_[AB])\.default\.", r".\1.", live[len(LLM_PREFIX):])
-
-
 def split_parts(weights: dict[str, torch.Tensor]) -> tuple[dict, dict, dict]:
     """Trained tensors by module name -> the UNet's state dict, the projection's, and the peft adapter's."""
-    unet = {k[len(UNET_PREFIX):]: v for k, v in weights.items() if k.startswith(UNET_PREFIX)}
-    projection = {k[len(PROJECTION_PREFIX):]: v for k, v in weights.items() if k.startswith(PROJECTION_PREFIX)}
-    adapter = {adapter_name(k): v for k, v in weights.items() if k.startswith(LLM_PREFIX)}
+    unet = {k[len(names.UNET_PREFIX):]: v for k, v in weights.items() if k.startswith(names.UNET_PREFIX)}
+    projection = {k[len(names.PROJECTION_PREFIX):]: v for k, v in weights.items()
+                  if k.startswith(names.PROJECTION_PREFIX)}
+    adapter = {names.adapter_name(k): v for k, v in weights.items() if k.startswith(names.LLM_PREFIX)}
     assert len(unet) + len(projection) + len(adapter) == len(weights), "a trained tensor of an unknown part"
     return unet, projection, adapter
 
@@ -73,31 +60,14 @@ def split_parts(weights: dict[str, torch.Tensor]) -> tuple[dict, dict, dict]:
 
 def locate(path: Path) -> tuple[str, Path]:
     """("final" | "checkpoint", folder) for a final/ folder, a checkpoint folder or a stage folder."""
-    path = Path(path).expanduser()
-    if path.name.startswith("universal_"):
-        raise ExportError(f"{path} is a universal checkpoint made for resuming on another number of ranks; export "
-                          f"{path.parent / path.name[len('universal_'):]}, the checkpoint it was made from")
-    if (path / "final.json").is_file():
-        return "final", path
-    if (path / checkpoint.COMPLETE).is_file():
-        return "checkpoint", path
-    if path.name.startswith("step_") and path.is_dir():
-        raise ExportError(f"{path} is not a complete checkpoint (no {checkpoint.COMPLETE} marker: the run stopped "
-                          f"while writing it); export an earlier one from {path.parent}")
-    if (path / "config.yaml").is_file():  # a stage folder: its final weights, else its newest checkpoint
-        if (path / "final" / "final.json").is_file():
-            return "final", path / "final"
-        latest = checkpoint.latest_checkpoint(path / "checkpoints")
-        if latest is not None:
-            return "checkpoint", latest
-        raise ExportError(f"{path} holds neither final weights (final/) nor a complete checkpoint yet")
-    raise ExportError(f"{path} is not a stage folder (runs/<name>/stageN), a final/ folder or a complete checkpoint "
-                      "folder (stageN/checkpoints/step_N)")
+    try:
+        return layout.locate(path)
+    except layout.LayoutError as e:
+        raise ExportError(str(e)) from None
 
 
 def stage_config(kind: str, folder: Path) -> Config:
-    stage_dir = folder.parent if kind == "final" else folder.parent.parent
-    path = stage_dir / "config.yaml"
+    path = layout.stage_of(kind, folder).config
     if not path.is_file():
         raise ExportError(f"{path} does not exist; pass the stage's config.yaml (written by the trainer) with --config")
     return load_stage_config(path)
@@ -122,15 +92,14 @@ def read_trained(path: Path, cfg: Config | None = None, with_ema: bool = False) 
 
 
 def _read_final(folder: Path, with_ema: bool) -> tuple[dict, dict | None]:
-    with read_weights(str(folder / "unet")) as reader:
-        raw = {UNET_PREFIX + k: reader.get(k) for k in reader.keys()}
-    if (folder / "projection.safetensors").is_file():
-        raw.update({PROJECTION_PREFIX + k: v for k, v in load_file(str(folder / "projection.safetensors")).items()})
-    adapter = folder / "lora" / "adapter_model.safetensors"
-    if adapter.is_file():
-        raw.update({live_name(k): v for k, v in load_file(str(adapter)).items()})
-    ema_file = folder / "ema.safetensors"
-    return raw, (load_file(str(ema_file)) if with_ema and ema_file.is_file() else None)
+    final = layout.FinalLayout(folder)
+    with read_weights(str(final.unet)) as reader:
+        raw = {names.UNET_PREFIX + k: reader.get(k) for k in reader.keys()}
+    if final.projection.is_file():
+        raw.update({names.PROJECTION_PREFIX + k: v for k, v in load_file(str(final.projection)).items()})
+    if final.adapter.is_file():
+        raw.update({names.live_name(k): v for k, v in load_file(str(final.adapter)).items()})
+    return raw, (load_file(str(final.ema)) if with_ema and final.ema.is_file() else None)
 
 
 # ------------------------------------------------------------------ ZeRO-3 checkpoints
@@ -150,7 +119,7 @@ def _load(path: Path) -> dict:
 
 
 def _read_checkpoint(folder: Path, with_ema: bool) -> tuple[dict, dict | None]:
-    world_size = checkpoint.read_meta(folder)["world_size"]
+    world_size = complete.read_meta(folder)["world_size"]
     shapes, raw = _zero3_fp32_weights(folder, world_size)
     return raw, (_zero3_ema(folder, shapes, world_size) if with_ema else None)
 
@@ -178,9 +147,8 @@ def _zero3_fp32_weights(folder: Path, world_size: int) -> tuple[dict[str, torch.
     flats = [torch.cat([g.reshape(-1) for g in s["fp32_flat_groups"]]) for s in states]
     weights, offset = {}, 0
     for name, shape in shapes.items():
-        part = math.ceil(shape.numel() / world_size)
-        pieces = [flat[offset:offset + part] for flat in flats]
-        weights[name] = torch.cat(pieces)[:shape.numel()].view(shape).clone()
+        part = zero3.partition_numel(shape.numel(), world_size)
+        weights[name] = zero3.join_partitions([flat[offset:offset + part] for flat in flats], shape).clone()
         offset += part
     if offset != flats[0].numel():
         raise ExportError(f"{folder}: the parameter shapes account for {offset} of {flats[0].numel()} elements per "
@@ -190,7 +158,7 @@ def _zero3_fp32_weights(folder: Path, world_size: int) -> tuple[dict[str, torch.
 
 def _zero3_ema(folder: Path, shapes: dict[str, torch.Size], world_size: int) -> dict[str, torch.Tensor] | None:
     """The EMA from each rank's `rank%05d.pt`: every rank holds its ZeRO-3 partition of every trainable tensor."""
-    files = [folder / f"rank{r:05d}.pt" for r in range(world_size)]
+    files = [layout.rank_state(folder, r) for r in range(world_size)]
     missing = [f.name for f in files if not f.is_file()]
     if missing:
         raise ExportError(f"{folder}: missing per-rank state {missing}; the checkpoint is incomplete")
@@ -199,9 +167,10 @@ def _zero3_ema(folder: Path, shapes: dict[str, torch.Size], world_size: int) -> 
         return None
     ema = {}
     for i, name in enumerate(states[0]["names"]):
-        numel, part = shapes[name].numel(), math.ceil(shapes[name].numel() / world_size)
+        numel = shapes[name].numel()
         shards = [s["shadow"][i] for s in states]
         assert all(s["names"][i] == name for s in states), f"ranks disagree on EMA tensor {i}"
-        assert all(t.numel() == part for t in shards), f"{name}: EMA shards are not ZeRO-3 partitions of {numel}"
-        ema[name] = torch.cat(shards)[:numel].view(shapes[name]).clone()
+        assert all(t.numel() == zero3.partition_numel(numel, world_size) for t in shards), \
+            f"{name}: EMA shards are not ZeRO-3 partitions of {numel}"
+        ema[name] = zero3.join_partitions(shards, shapes[name]).clone()
     return ema

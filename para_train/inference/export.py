@@ -39,7 +39,7 @@ def export_model(source: str | Path, out_dir: str | Path, cfg=None, use_ema: boo
     `cfg`: the stage's resolved Config (default: read from the stage's config.yaml). The folder is
     written next to `out_dir` and moved into place at the end; an earlier export there is replaced.
     """
-    from para_train.config import save_config
+    from para_train.config import TINY, save_config
     from para_train.inference.consolidate import read_trained, split_parts
     from para_train.inference.pipeline import model_index
     from para_train.inference.text_encoder import copy_weights_folder, llm_reference, save_text_encoder
@@ -71,14 +71,14 @@ def export_model(source: str | Path, out_dir: str | Path, cfg=None, use_ema: boo
     tokenizer.save_pretrained(str(tmp / "tokenizer"))
     save_text_encoder(tmp / "text_encoder", llm_path=llm_path, layer=m.llm.layer, adapter=adapter,
                       lora=m.lora if adapter else None, projection=projection, merge_lora=merge_lora,
-                      copy_llm=copy_llm or m.llm.path == "tiny")  # the tiny LLM lives in a cache: make it portable
+                      copy_llm=copy_llm or m.llm.path == TINY)  # the tiny LLM lives in a cache: make it portable
     index = model_index(type(tokenizer).__name__, m.llm.max_length, cfg.data.resolution, cfg.sample.guidance_scale)
     (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     save_config(cfg, tmp / "training_config.yaml")
     provenance = {"source": str(trained.source.resolve()), "source_kind": trained.kind, "stage": cfg.run.stage,
                   "weights": "ema" if use_ema else "raw",
                   "lora": ("merged" if merge_lora else "adapter") if adapter else "none",
-                  "llm": llm_reference(llm_path) if m.llm.path != "tiny" else "tiny (copied)"}
+                  "llm": llm_reference(llm_path) if m.llm.path != TINY else "tiny (copied)"}
     (tmp / "export.json").write_text(json.dumps(provenance, indent=1) + "\n")
     _move_into_place(tmp, out)
     log.info("exported %s (%s weights) to %s", trained.source, provenance["weights"], out)

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from para_train.config import LoRAConfig
-from para_train.models.build import safetensors_files
+from para_train.files.safetensors_io import safetensors_files
 from para_train.models.paradiffusion import TextEncoder
 
 log = logging.getLogger(__name__)

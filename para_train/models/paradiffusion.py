@@ -34,28 +34,15 @@ class TextEncoder(nn.Module):
         return hidden_BLD
 
 
-class NoiseSchedule(nn.Module):
-    """DDPM forward process with SD's scaled-linear betas (the schedule exported with the model), optionally
-    rescaled to zero terminal SNR by diffusers' own function (the exported sampler applies the same rescaling)."""
+def noise_scheduler(num_train_timesteps: int = 1000, prediction_type: str = "epsilon", zero_terminal_snr: bool = False):
+    """The forward process: diffusers' DDPMScheduler with SD's scaled-linear betas, optionally rescaled to zero
+    terminal SNR. Training draws its noisy latents, targets and SNR from it, and the sampler (sampling.make_scheduler,
+    the one exported) is built from its config, so the two cannot drift apart."""
+    from diffusers import DDPMScheduler
 
-    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012,
-                 zero_terminal_snr: bool = False):
-        super().__init__()
-        betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, num_train_timesteps, dtype=torch.float64) ** 2
-        if zero_terminal_snr:
-            from diffusers.schedulers.scheduling_ddpm import rescale_zero_terminal_snr
-
-            betas = rescale_zero_terminal_snr(betas)
-        self.num_train_timesteps = num_train_timesteps
-        self.register_buffer("alphas_cumprod", torch.cumprod(1.0 - betas, 0).float(), persistent=False)
-
-    def coefficients(self, t: torch.Tensor, ndim: int) -> tuple[torch.Tensor, torch.Tensor]:
-        ac = self.alphas_cumprod.to(t.device)[t].view(-1, *([1] * (ndim - 1)))
-        return ac.sqrt(), (1 - ac).sqrt()
-
-    def snr(self, t: torch.Tensor) -> torch.Tensor:
-        ac = self.alphas_cumprod.to(t.device)[t]
-        return ac / (1 - ac)
+    return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_start=0.00085, beta_end=0.012,
+                         beta_schedule="scaled_linear", prediction_type=prediction_type,
+                         rescale_betas_zero_snr=zero_terminal_snr)
 
 
 def micro_conditions(unet: nn.Module, text_BLD: torch.Tensor, attention_mask: torch.Tensor,
@@ -84,7 +71,7 @@ class ParaDiffusion(nn.Module):
         super().__init__()
         self.text_encoder = text_encoder
         self.unet = unet
-        self.schedule = NoiseSchedule(num_train_timesteps, zero_terminal_snr=zero_terminal_snr)
+        self.scheduler = noise_scheduler(num_train_timesteps, prediction_type, zero_terminal_snr)
         self.prediction_type = prediction_type
         self.min_snr_gamma = min_snr_gamma
         self.image_size = image_size
@@ -102,17 +89,18 @@ class ParaDiffusion(nn.Module):
     def denoising_loss(self, latents: torch.Tensor, attention_mask: torch.Tensor, noise: torch.Tensor,
                        timesteps: torch.Tensor, text_BLD: torch.Tensor, weighted: bool = True) -> torch.Tensor:
         """Per-sample loss given the text features; `weighted=False` leaves out min-SNR weighting (validation)."""
-        a, s = self.schedule.coefficients(timesteps, latents.ndim)
-        noisy = a * latents + s * noise
+        noisy = self.scheduler.add_noise(latents, noise, timesteps)
         side = self.image_size or 8 * latents.shape[-1]
         pred = self.unet(noisy.to(text_BLD.dtype), timesteps, encoder_hidden_states=text_BLD,
                          encoder_attention_mask=attention_mask,
                          added_cond_kwargs=micro_conditions(self.unet, text_BLD, attention_mask, (side, side))
                          ).sample.float()
-        target = noise if self.prediction_type == "epsilon" else a * noise - s * latents
+        target = noise if self.prediction_type == "epsilon" else self.scheduler.get_velocity(latents, noise, timesteps)
         loss_B = F.mse_loss(pred, target.float(), reduction="none").mean(dim=tuple(range(1, pred.ndim)))
         if weighted and self.min_snr_gamma is not None:
-            snr = self.schedule.snr(timesteps)
+            from diffusers.training_utils import compute_snr
+
+            snr = compute_snr(self.scheduler, timesteps)
             clipped = torch.clamp(snr, max=self.min_snr_gamma)
             weight = clipped / snr if self.prediction_type == "epsilon" else clipped / (snr + 1)
             loss_B = loss_B * weight

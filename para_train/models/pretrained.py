@@ -19,7 +19,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from para_train.config import Config, ConfigError
+from para_train.config import TINY, Config, ConfigError
+from para_train.files.layout import FinalLayout, RunLayout
 
 TEXT_ENCODER_LORA = "text_encoder_lora"  # ParaDiffusion's release: the LLM's peft adapter next to unet/
 
@@ -56,11 +57,11 @@ def init_source(folder: Path, key: str = "checkpoint.init_from") -> InitSource:
     """Recognise the layout of a weights folder (see the module docstring)."""
     if not folder.is_dir():
         raise ConfigError(f"{key}: {folder} does not exist")
-    if (folder / "final.json").is_file():
-        _weights_in(folder / "unet", "UNet", key)
-        lora = folder / "lora"
-        return InitSource(folder, "final", folder / "unet", _adapter_in(lora, key) if lora.is_dir() else None,
-                          _file(folder / "projection.safetensors"), _file(folder / "ema.safetensors"))
+    final = FinalLayout(folder)
+    if final.exists():
+        _weights_in(final.unet, "UNet", key)
+        return InitSource(folder, "final", final.unet, _adapter_in(final.lora, key) if final.lora.is_dir() else None,
+                          _file(final.projection), _file(final.ema))
     if (folder / "model_index.json").is_file() and (folder / "text_encoder").is_dir():
         _weights_in(folder / "unet", "UNet", key)
         lora = folder / "text_encoder" / "lora"
@@ -85,8 +86,8 @@ def resolve_init_from(cfg: Config) -> InitSource | None:
     if value == "none" or (value == "auto" and cfg.run.stage == 1):
         return None
     if value == "auto":
-        folder = Path(cfg.run.dir).expanduser() / f"stage{cfg.run.stage - 1}" / "final"
-        if not (folder / "final.json").is_file():
+        folder = RunLayout.of(cfg.run.dir).stage(cfg.run.stage - 1).final.root
+        if not FinalLayout(folder).exists():
             prev = cfg.run.stage - 1
             raise ConfigError(f"checkpoint.init_from: no complete final weights at {folder}. Run stage {prev} first "
                               f"(deepspeed para_train/main.py --stage {prev} run.dir={cfg.run.dir}), or set "
@@ -131,7 +132,7 @@ def _check_adapter_matches(adapter: Path, cfg: Config) -> None:
 def check_model_paths(cfg: Config) -> None:
     """Every local weights folder the config names exists and holds what is needed (before any rank starts)."""
     m = cfg.model
-    if m.llm.path not in (None, "tiny"):
+    if m.llm.path not in (None, TINY):
         folder = Path(m.llm.path).expanduser()
         if not folder.is_dir():
             raise ConfigError(f"model.llm.path: {m.llm.path} is not a folder on this machine; para-train reads local "
@@ -142,5 +143,5 @@ def check_model_paths(cfg: Config) -> None:
             raise ConfigError(f"model.llm.path: {folder} holds no tokenizer files (tokenizer.json or tokenizer.model)")
     if m.unet.path is not None:
         _weights_in(Path(m.unet.path).expanduser(), "UNet2DConditionModel", "model.unet.path")
-    if m.vae.path != "tiny":
+    if m.vae.path != TINY:
         _weights_in(Path(m.vae.path).expanduser(), "AutoencoderKL", "model.vae.path")

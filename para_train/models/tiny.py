@@ -44,7 +44,7 @@ def _build_tokenizer(out: Path, vocab_size: int = 2048):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from para_train.data.synthetic import describe, make_scene
+    from para_train.scenes.synthetic import describe, make_scene
 
     rng = random.Random("para-train-tokenizer")
     corpus = [describe(make_scene(rng), rng) for _ in range(300)]
@@ -65,7 +65,7 @@ def pretrain_tiny_llama(model, tokenizer, *, paragraphs: int, steps: int, batch_
                         seed: int, progress: bool = True):
     """Next-token prediction on windows of synthetic paragraphs (one EOS-separated stream)."""
 
-    from para_train.data.synthetic import describe, make_scene
+    from para_train.scenes.synthetic import describe, make_scene
 
     rng = random.Random(f"para-train-llm-pretrain/{seed}")
     stream = []
@@ -115,7 +115,7 @@ def _build_llama(out: Path, tokenizer):
 
 
 def _scene_pixels(rng: random.Random, count: int, size: int) -> torch.Tensor:
-    from para_train.data.synthetic import make_scene, render
+    from para_train.scenes.synthetic import make_scene, render
 
     return torch.stack([torch.from_numpy(np.asarray(render(make_scene(rng), size), dtype=np.float32)).permute(2, 0, 1)
                         for _ in range(count)]) / 127.5 - 1

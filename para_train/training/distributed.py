@@ -33,7 +33,8 @@ class DistEnv:
         return max(1, self.world_size // max(1, self.local_world_size))
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on the loopback now (for a single-process run, a test server, a local launch)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -44,7 +45,7 @@ def read_env() -> DistEnv:
     env = os.environ
     if "RANK" not in env:
         env.setdefault("MASTER_ADDR", "127.0.0.1")
-        env.setdefault("MASTER_PORT", str(_free_port()))
+        env.setdefault("MASTER_PORT", str(free_port()))
         env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     world_size = int(env["WORLD_SIZE"])
     # MosaicML streaming reads LOCAL_WORLD_SIZE to tell nodes apart; the deepspeed launcher sets LOCAL_SIZE.

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from para_train.files.zero3 import join_partitions
+
 
 def _local(p: torch.Tensor) -> torch.Tensor:
     return p.ds_tensor if hasattr(p, "ds_tensor") else p.data
@@ -52,7 +54,7 @@ class ShardedEMA:
             if hasattr(p, "ds_tensor"):
                 parts = [torch.empty_like(s) for _ in range(world)]
                 torch.distributed.all_gather(parts, s.contiguous())  # on the shard's device (CUDA under NCCL)
-                full = torch.cat([x.reshape(-1) for x in parts])[:p.ds_numel].reshape(p.ds_shape)
+                full = join_partitions(parts, p.ds_shape)
             else:
                 full = s
             if rank == 0:

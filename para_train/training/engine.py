@@ -12,11 +12,11 @@ import torch
 from torch import nn
 
 from para_train.config import REPO_ROOT, Config, ConfigError
+from para_train.files import model_weights as weights, names
 from para_train.kernel_dispatch import apply_kernels
 from para_train.models import build
-from para_train.models.pretrained import resolve_init_from
+from para_train.models.pretrained import InitSource
 from para_train.models.paradiffusion import LatentEncoder, ParaDiffusion, TextEncoder
-from para_train.training import weights
 from para_train.training.distributed import DistEnv
 
 log = logging.getLogger(__name__)
@@ -76,6 +76,12 @@ def optimizer_choice(use_cuda: bool, offload_optimizer: bool) -> dict:
 
 
 def lr_lambda(cfg: Config):
+    """Linear warm-up from lr / warmup_steps, then cosine, linear or constant down to lr * min_lr_ratio.
+
+    Hand-written rather than transformers' schedules because none of them is this one: their warm-ups start at
+    lr 0 (a first step that changes nothing), except get_cosine_with_min_lr_schedule_with_warmup_lr_rate, whose
+    decay runs one step ahead of this one; and their linear and constant schedules have no floor. Moving to one
+    would change every run's learning rates (and the pinned golden losses)."""
     t = cfg.train
 
     def factor(step: int) -> float:
@@ -100,8 +106,9 @@ class Built:
     provenance: weights.Provenance  # trainable parameter -> the file its value came from
 
 
-def build_model(cfg: Config, dist_env: DistEnv, ds_config: dict) -> Built:
-    """Build every part, load pretrained / previous-stage weights, freeze per stage. Collective."""
+def build_model(cfg: Config, dist_env: DistEnv, ds_config: dict, source: InitSource | None) -> Built:
+    """Build every part, load pretrained weights and `source`'s (the previous stage's, resolved before the process
+    group started: training.resolve), freeze per stage. Collective."""
     m = cfg.model
     cache = cfg.cache_dir
     llm_path = build.resolve_llm_path(m.llm, cache)
@@ -143,7 +150,7 @@ def build_model(cfg: Config, dist_env: DistEnv, ds_config: dict) -> Built:
             # peft makes its adapters in fp32, outside zero.Init; DeepSpeed casts no zero.Init model, and
             # its ZeRO-3 optimizer needs one dtype per parameter group.
             for name, p in llm.named_parameters():
-                if "lora_" in name:
+                if names.is_lora(name):
                     p.data = p.data.to(torch.bfloat16)
     if m.llm.gradient_checkpointing:
         llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -154,7 +161,6 @@ def build_model(cfg: Config, dist_env: DistEnv, ds_config: dict) -> Built:
     model = ParaDiffusion(TextEncoder(llm, m.llm.layer, projection), unet, m.prediction_type, m.min_snr_gamma,
                           m.num_train_timesteps, image_size=cfg.data.resolution, zero_terminal_snr=m.zero_terminal_snr)
 
-    source = resolve_init_from(cfg)
     if source is not None:
         use_ema = cfg.checkpoint.init_weights == "ema"
         counts = weights.load_init(model, source, dist_env.rank, with_lora=m.lora.enabled, use_ema=use_ema,
@@ -168,7 +174,7 @@ def build_model(cfg: Config, dist_env: DistEnv, ds_config: dict) -> Built:
 
     # Freeze per stage: the LLM base is always frozen; LoRA (stages 2-3), UNet and projection train.
     for name, p in model.named_parameters():
-        p.requires_grad_(not name.startswith("text_encoder.llm.") or "lora_" in name)
+        p.requires_grad_(names.trains(name))
     if zero3 and cfg.deepspeed.leaf_modules:
         leaves = deepspeed.utils.set_z3_leaf_modules(model, list(cfg.deepspeed.leaf_modules), raise_if_not_found=False)
         llm_modules = {id(mod) for mod in llm.modules()}
@@ -199,7 +205,7 @@ def param_groups(model: nn.Module, cfg: Config) -> list[dict]:
     lora, rest = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (lora if "lora_" in name else rest).append(p)
+            (lora if names.is_lora(name) else rest).append(p)
     groups = [{"params": rest, "lr": cfg.train.lr, "name": "unet"}]
     if lora:
         groups.append({"params": lora, "lr": cfg.train.lora_lr or cfg.train.lr, "name": "lora"})

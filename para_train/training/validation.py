@@ -46,7 +46,7 @@ def held_out_set(cfg: Config) -> HeldOut | None:
         return HeldOut([r["caption"] for r in raw], torch.stack([decode_image(r["image"], res) for r in raw]), None)
     if cfg.data.remotes():
         return None
-    from para_train.inference.evaluate import eval_set, ground_truth
+    from para_train.scenes.eval_set import eval_set, ground_truth
 
     items = eval_set(e.num_samples, e.seed)
     import numpy as np
@@ -117,7 +117,7 @@ class Validator:
         return {"val/loss": sum(per_t.values()) / len(per_t), **per_t}
 
     def _faithfulness(self, model) -> dict[str, float]:
-        from para_train.inference.evaluate import eval_set, score_items, summarize
+        from para_train.scenes.eval_set import eval_set, score_items, summarize
         from para_train.sampling import sample_latents, to_pil
 
         cfg, e = self.cfg, self.cfg.eval

@@ -1,4 +1,4 @@
-"""How faithfully an image shows a synthetic scene (para_train.data.synthetic), scored from its pixels.
+"""How faithfully an image shows a synthetic scene (para_train.scenes.synthetic), scored from its pixels.
 
 Each pixel is given the nearest of the eight object colours or the image's own background colour
 (the median colour away from where the scene puts its objects); 4-connected patches of one object
@@ -69,7 +69,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from para_train.data.synthetic import BACKGROUNDS, COLORS, REGIONS, SHAPES, SIZES, SceneObject
+from para_train.scenes.synthetic import BACKGROUNDS, COLORS, REGIONS, SHAPES, SIZES, SceneObject
 
 CHECKS = ("present", "colour_region", "shape", "correct")
 MAX_PIXELS = 128
@@ -314,7 +314,7 @@ def _shape_of(p: Patch, labels: np.ndarray) -> str:
 
 def _draw(canvas: Image.Image, draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float) -> np.ndarray:
     """The mask of `shape` drawn onto the L image `canvas` (cleared first; `draw` draws on it) with the calls of
-    para_train.data.synthetic.render: centre cx, cy and half-side r in pixels. On a whole image it matches render
+    para_train.scenes.synthetic.render: centre cx, cy and half-side r in pixels. On a whole image it matches render
     pixel for pixel (tests/test_evaluate.py); on a crop, to within a pixel's rounding."""
     draw.rectangle([0, 0, canvas.width, canvas.height], fill=0)
     if shape == "circle":

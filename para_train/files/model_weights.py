@@ -16,7 +16,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from para_train.models.build import WeightReader, read_weights
+from para_train.files import names, zero3
+from para_train.files.layout import FinalLayout
+from para_train.files.safetensors_io import WeightReader, read_weights
 
 
 def _is_sharded(p: torch.Tensor) -> bool:
@@ -147,11 +149,7 @@ def gather_full(module: nn.Module, rank: int, keep: Callable[[str, torch.Tensor]
     return out
 
 
-# ------------------------------------------------------------------ a stage's final weights
-# final/unet/            diffusers UNet2DConditionModel folder (config.json + safetensors)
-# final/projection.safetensors   the LLM-width -> cross-attention projection, if any
-# final/lora/            peft adapter folder (adapter_config.json + adapter_model.safetensors)
-# final/ema.safetensors  EMA of every trainable tensor, same names as the model's parameters
+# ------------------------------------------------------------------ a stage's final weights (files.layout.FinalLayout)
 
 
 def save_final(model: nn.Module, out: Path, rank: int, ema_state: dict[str, torch.Tensor] | None = None) -> None:
@@ -160,25 +158,25 @@ def save_final(model: nn.Module, out: Path, rank: int, ema_state: dict[str, torc
     proj = model.text_encoder.projection
     proj_sd = gather_full(proj, rank) if proj is not None else {}
     llm = model.text_encoder.llm
-    lora_sd = gather_full(llm, rank, keep=lambda n, p: "lora_" in n)
+    lora_sd = gather_full(llm, rank, keep=lambda n, p: names.is_lora(n))
     if rank != 0:
         return
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "unet").mkdir(exist_ok=True)
-    model.unet.save_config(out / "unet")
-    save_file({k: v.contiguous() for k, v in unet_sd.items()}, out / "unet" / "diffusion_pytorch_model.safetensors")
+    final = FinalLayout(out)
+    final.unet.mkdir(parents=True, exist_ok=True)
+    model.unet.save_config(final.unet)
+    save_file({k: v.contiguous() for k, v in unet_sd.items()}, final.unet / "diffusion_pytorch_model.safetensors")
     if proj_sd:
-        save_file(proj_sd, out / "projection.safetensors")
+        save_file(proj_sd, final.projection)
     if lora_sd:
         from peft import get_peft_model_state_dict
 
         adapter = get_peft_model_state_dict(llm, state_dict=lora_sd)
-        (out / "lora").mkdir(exist_ok=True)
-        llm.peft_config["default"].save_pretrained(str(out / "lora"))
-        save_file({k: v.contiguous() for k, v in adapter.items()}, out / "lora" / "adapter_model.safetensors")
+        final.lora.mkdir(exist_ok=True)
+        llm.peft_config["default"].save_pretrained(str(final.lora))
+        save_file({k: v.contiguous() for k, v in adapter.items()}, final.adapter)
     if ema_state:
-        save_file({k: v.contiguous() for k, v in ema_state.items()}, out / "ema.safetensors")
-    (out / "final.json").write_text(json.dumps({"unet": len(unet_sd), "projection": len(proj_sd),
+        save_file({k: v.contiguous() for k, v in ema_state.items()}, final.ema)
+    final.marker.write_text(json.dumps({"unet": len(unet_sd), "projection": len(proj_sd),
                                                 "lora": len(lora_sd)}) + "\n")
 
 
@@ -216,21 +214,20 @@ def load_init(model: nn.Module, source, rank: int, with_lora: bool, use_ema: boo
 
 def _copy_lora(llm: nn.Module, reader: WeightReader, rank: int, record: Provenance | None,
                ema_names: bool = False) -> int:
-    """peft saves `base_model.model.X.lora_A.weight` for the live `base_model.model.X.lora_A.default.weight`; a
-    causal-LM adapter (ParaDiffusion's) has one more `model.` (`base_model.model.model.X`). EMA files use the
-    model's own parameter names."""
+    """An adapter saved by peft (files.names: plain or causal-LM naming), or an EMA file's LoRA tensors (named
+    like the model's parameters)."""
     copied = 0
     for params in _module_groups(llm):
-        chosen = [(n, p) for n, p in params if "lora_" in n]
+        chosen = [(n, p) for n, p in params if names.is_lora(n)]
         if not chosen:
             continue
         keys = {}
         for name, _ in chosen:
             if ema_names:
-                keys[name] = "text_encoder.llm." + name
+                keys[name] = names.LLM_PREFIX + name
                 continue
-            key = name.replace(".default.", ".")
-            causal = key.replace("base_model.model.", "base_model.model.model.", 1)
+            key = names.saved_lora_name(name)
+            causal = names.causal_lm_variant(key)
             keys[name] = key if key in reader or causal not in reader else causal
             if keys[name] not in reader:
                 raise ValueError(f"LoRA weight {key} missing from the adapter; the LoRA settings (rank, "
@@ -243,7 +240,7 @@ def _copy_lora(llm: nn.Module, reader: WeightReader, rank: int, record: Provenan
                     p.data.copy_(reader.get(keys[name]).to(p.dtype))
                 copied += 1
                 if record is not None:
-                    record["text_encoder.llm." + name] = reader.source(keys[name])
+                    record[names.LLM_PREFIX + name] = reader.source(keys[name])
     return copied
 
 
@@ -287,7 +284,7 @@ def _partition_from_file(f, key: str, part: int, rank: int) -> torch.Tensor:
         numel *= d
     row = numel // shape[0] if shape and shape[0] else 1
     local = torch.zeros(part, dtype=torch.float32)
-    lo, hi = rank * part, min((rank + 1) * part, numel)
+    lo, hi = zero3.partition_range(rank, part, numel)
     if lo < hi:
         r0, r1 = lo // row, -(-hi // row)
         rows = (sl[r0:r1] if shape else f.get_tensor(key)).to(torch.float32).reshape(-1)
