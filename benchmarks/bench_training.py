@@ -52,8 +52,10 @@ class UsualLoop:
 
     def __init__(self, llm_dir: Path, vae_dir: Path, cfg, lora: bool):
         import torch
-        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import LlamaModel
+
+        from para_train.models.paradiffusion import noise_scheduler
 
         torch.manual_seed(0)
         self.vae = AutoencoderKL.from_pretrained(vae_dir).requires_grad_(False).eval()
@@ -70,8 +72,7 @@ class UsualLoop:
         self.unet = UNet2DConditionModel(**common.BENCH_UNET)
         groups.insert(0, {"params": list(self.unet.parameters()), "lr": cfg.train.lr})
         self.optimizer = torch.optim.AdamW(groups, betas=tuple(cfg.train.betas), weight_decay=cfg.train.weight_decay)
-        self.schedule = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
-                                      beta_end=0.012)
+        self.schedule = noise_scheduler()  # SD's epsilon schedule, as a plain diffusers script has it
         self.lora = lora
         self.gen = torch.Generator().manual_seed(0)
 
@@ -94,13 +95,15 @@ class UsualLoop:
 
 def floor_step_fn(cfg, batch: dict):
     import torch
-    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
+
+    from para_train.models.paradiffusion import noise_scheduler
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**common.BENCH_UNET)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.betas),
                                   weight_decay=cfg.train.weight_decay)
-    schedule = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    schedule = noise_scheduler()
     gen = torch.Generator().manual_seed(0)
     return lambda: plain_unet_step(unet, optimizer, schedule, batch, batch["text_embeds"], gen)
 

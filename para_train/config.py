@@ -8,6 +8,7 @@ the fix, before any process group starts.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib.util
 import re
@@ -465,6 +466,15 @@ def _resolve_hints(cls) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+def _describe(hint: Any) -> str:
+    """A type as an error message names it."""
+    if typing.get_origin(hint) is Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(hint)))
+    names = {str: "a string (e.g. a folder)", int: "an integer", float: "a number", bool: "true or false",
+             dict: "a mapping", list: "a list"}
+    return names.get(typing.get_origin(hint) or hint, getattr(hint, "__name__", str(hint)))
+
+
 def _coerce(value: Any, hint: Any, key: str) -> Any:
     """Check (and gently convert) a YAML/CLI value against a dataclass field's type."""
     origin = typing.get_origin(hint)
@@ -473,15 +483,16 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if value is None:
             _check(type(None) in args, key, "may not be null")
             return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
+        errors, alternatives = [], [a for a in args if a is not type(None)]
+        for arg in alternatives:
             try:
                 return _coerce(value, arg, key)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+        nested = [e for e in errors if not e.startswith(f"{key}: ")]  # e.g. a list's item: the precise one
+        if len(alternatives) == 1 or nested:
+            raise ConfigError((nested or errors)[0])
+        raise ConfigError(f"{key}: expected {' or '.join(map(_describe, alternatives))}, got {value!r}")
     if origin is Literal:
         choices = typing.get_args(hint)
         # by type too: YAML's true is not the 1 of Literal[1, 2, 3], nor "1" (quoted) of it
@@ -543,6 +554,31 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def _seed_mapping(tree: dict, dotted: str) -> None:
+    """`model.unet.config.cross_attention_dim=48` changes one entry of the mapping the config holds so far (e.g. the
+    tiny UNet's, filled in by UNetConfig), not the whole mapping: a mapping field the tree does not hold yet
+    starts as the value it would have been built with."""
+    parts, cls, node = dotted.split("."), Config, tree
+    for i, part in enumerate(parts[:-1]):
+        hint = _resolve_hints(cls).get(part) if dataclasses.is_dataclass(cls) else None
+        if hint is None:
+            return
+        if dataclasses.is_dataclass(hint):
+            cls, node = hint, node.get(part) if isinstance(node, dict) else None
+            continue
+        if dict not in (hint, *typing.get_args(hint)) or (isinstance(node, dict) and part in node):
+            return
+        try:
+            built = _build(Config, tree)
+        except ConfigError:  # reported with the final config
+            return
+        for p in parts[:i + 1]:
+            built = getattr(built, p)
+        if isinstance(built, dict):
+            _set_dotted(tree, ".".join(parts[:i + 1]), copy.deepcopy(built))
+        return
+
+
 def _deep_merge(base: dict, extra: dict) -> dict:
     out = dict(base)
     for k, v in extra.items():
@@ -588,6 +624,7 @@ def load_config(stage: int, config_file: str | None = None, overrides: list[str]
         key, value = parse_override(text)
         if key == "run.stage" and value != stage:
             raise ConfigError("run.stage: set the stage with --stage, not as an override")
+        _seed_mapping(tree, key)
         _set_dotted(tree, key, value)
     _set_dotted(tree, "run.stage", stage)
     return _build(Config, tree)

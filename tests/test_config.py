@@ -45,6 +45,20 @@ def test_overrides_are_typed_and_dotted():
     assert (cfg.train.steps, cfg.train.lr, cfg.model.llm.layer, cfg.data.shuffle) == (7, 0.001, -2, False)
 
 
+def test_a_dotted_override_changes_one_entry_of_a_mapping():
+    """model.unet.config.cross_attention_dim=48 is the tiny UNet with a narrower text input, not a UNet of
+    diffusers' defaults; on a YAML's UNet config or a folder's (model.unet.path) it changes that one key too."""
+    from para_train.config import TINY_UNET
+
+    cfg = load_config(1, overrides=["model.unet.config.cross_attention_dim=48"])
+    assert cfg.model.unet.config == {**TINY_UNET, "cross_attention_dim": 48}
+    real = load_config(1, str(REPO_ROOT / "configs" / "stage1_pretrain.yaml"))
+    cfg = load_config(1, str(REPO_ROOT / "configs" / "stage1_pretrain.yaml"), ["model.unet.config.sample_size=64"])
+    assert cfg.model.unet.config == {**real.model.unet.config, "sample_size": 64}
+    cfg = load_config(1, overrides=["model.unet.path=/sdxl/unet", "model.unet.config.cross_attention_dim=4096"])
+    assert cfg.model.unet.config == {"cross_attention_dim": 4096}  # over the folder's config.json
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["train.stepz=3"], "train.stepz: unknown key; valid keys here are:"),
     (["train.steps=many"], "train.steps: expected an integer, got 'many'"),
@@ -61,6 +75,7 @@ def test_overrides_are_typed_and_dotted():
     (["trainsteps"], "expected key=value"),
     (["tracking.log_every=0"], "tracking.log_every: must be >= 1"),
     (["model.prediction_type=epsilon"], "model.zero_terminal_snr: needs model.prediction_type=v_prediction"),
+    (["checkpoint.resume=3"], "checkpoint.resume: expected one of auto, never or a string (e.g. a folder), got 3"),
 ])
 def test_bad_overrides_name_the_key_and_fix(overrides, message):
     with pytest.raises(ConfigError, match=None) as err:
@@ -135,6 +150,27 @@ def test_real_scale_configs_validate_and_build_on_meta(name, stage):
     assert 6.5e9 < n_llm < 6.8e9, n_llm  # Llama-2-7B is 6.74B; without its LM head 6.61B
     # SDXL's UNet is 2.57B at text width 2048; width 4096 widens every attn2 to_k/to_v: 2.91B.
     assert 2.5e9 < n_unet < 3.0e9, n_unet
+
+
+def test_parts_that_do_not_fit_together_are_config_errors_before_any_rank_starts(cache_dir):
+    """What used to fail only once every rank had built its model: a resolution the VAE and the UNet cannot
+    divide down, an LLM wider than the UNet's cross-attention without a projection, a ZeRO-3 leaf module
+    inside the LLM LoRA trains."""
+    from para_train.models.build import check_architecture
+
+    def check(stage, *overrides):
+        check_architecture(load_config(stage, overrides=[f"data.cache_dir={cache_dir}", *overrides]))
+
+    check(1)
+    check(1, "deepspeed.leaf_modules=[LlamaDecoderLayer]")  # stage 1: the LLM is frozen, allowed
+    with pytest.raises(ConfigError, match="data.resolution=40: the VAE and the UNet downsample by 16 together; use "
+                                          "a multiple of 16"):
+        check(1, "model.unet.config.block_out_channels=[32, 32, 64, 64]", "data.resolution=40")
+    with pytest.raises(ConfigError, match="model.projection: the LLM width is .* but the UNet's cross_attention_dim "
+                                          "is 48; set model.projection=true"):
+        check(1, "model.unet.config.cross_attention_dim=48", "model.projection=false")
+    with pytest.raises(ConfigError, match=r"deepspeed.leaf_modules: \['LlamaDecoderLayer'\] are LLM modules"):
+        check(2, "deepspeed.leaf_modules=[LlamaDecoderLayer, Transformer2DModel]")
 
 
 def test_weights_folders_are_checked_before_any_rank_starts(tmp_path):

@@ -53,8 +53,8 @@ def test_each_parts_flops_are_what_that_part_runs_alone(cache_dir, one_thread):
     with torch.device("meta"):
         vae = AutoencoderKL(**arch.vae)
     fake = FakeTensorMode(allow_non_fake_inputs=True)
-    plan._fakeify(model, fake)
-    plan._fakeify(vae, fake)
+    plan.fakeify(model, fake)
+    plan.fakeify(vae, fake)
     llm, projection, unet = model.text_encoder.llm, model.text_encoder.projection, model.unet
     latent = res // 2 ** (len(arch.vae["block_out_channels"]) - 1)
     with fake:

@@ -280,14 +280,6 @@ def test_resume_on_a_different_number_of_ranks(dist_env, three_stages, tmp_path,
         assert torch.equal(v, after_one_rank["unet." + k]), k
 
 
-def test_llm_leaf_modules_are_refused_while_lora_trains(dist_env, tmp_path, cache_dir):
-    from para_train.config import ConfigError
-
-    with pytest.raises(ConfigError, match=r"deepspeed.leaf_modules: \['LlamaDecoderLayer'\] are LLM modules"):
-        make_trainer(dist_env, 2, tmp_path, cache_dir, "deepspeed.leaf_modules=[LlamaDecoderLayer]",
-                     "checkpoint.init_from=none")
-
-
 def test_the_ema_decay_warms_up_as_diffusers_does():
     """min(decay, (1 + n) / (10 + n)) at the n-th update (diffusers' EMAModel): a short stage's EMA follows its
     training instead of staying near its first weights; a resumed EMA continues the warm-up where it stopped."""

@@ -127,3 +127,40 @@ def load_vae(path: str) -> nn.Module:
         raise ConfigError(f"model.vae.path: {path} is not an AutoencoderKL folder (no config.json); point it at one, "
                           "e.g. a local copy of madebyollin/sdxl-vae-fp16-fix, or use 'tiny'")
     return AutoencoderKL.from_pretrained(path, use_safetensors=True)
+
+
+def check_architecture(cfg) -> None:
+    """The parts fit together (from their configs, before any rank starts): a tokenizer to train with, the LLM's
+    width against the UNet's cross-attention (or a projection), data.resolution through the VAE and the UNet, no
+    ZeRO-3 leaf module inside an LLM that LoRA trains."""
+    import inspect
+
+    from diffusers import UNet2DConditionModel
+    from transformers import LlamaConfig
+
+    from para_train.models.tiny import TINY_LLAMA, TINY_VAE
+
+    m = cfg.model
+    if m.llm.path is None:
+        raise ConfigError("model.llm.path: a tokenizer is needed to train; set model.llm.path to a folder with one")
+    unet = unet_config(m.unet)
+    # the tiny Llama's architecture without generating it (training does, once per cache)
+    llm = LlamaConfig(**TINY_LLAMA) if m.llm.path == TINY else llm_config(m.llm, m.llm.path)
+    width = llm.hidden_size
+    cross = unet.get("cross_attention_dim", 1280)
+    if width != cross and not m.projection:
+        raise ConfigError(f"model.projection: the LLM width is {width} but the UNet's cross_attention_dim is {cross}; "
+                          "set model.projection=true or make model.unet.config.cross_attention_dim match")
+    vae = TINY_VAE if m.vae.path == TINY else json.loads((Path(m.vae.path).expanduser() / "config.json").read_text())
+    unet_default = inspect.signature(UNet2DConditionModel.__init__).parameters["block_out_channels"].default
+    levels = len(vae["block_out_channels"]) - 1 + len(unet.get("block_out_channels", unet_default)) - 1
+    if cfg.data.resolution % 2 ** levels:
+        raise ConfigError(f"data.resolution={cfg.data.resolution}: the VAE and the UNet downsample by {2 ** levels} "
+                          f"together; use a multiple of {2 ** levels}")
+    if cfg.deepspeed.leaf_modules and m.lora.enabled:
+        with torch.device("meta"):  # the LLM's module types, without its memory
+            in_llm = sorted(set(cfg.deepspeed.leaf_modules) & {type(mod).__name__ for mod in build_llm(llm).modules()})
+        if in_llm:
+            raise ConfigError(f"deepspeed.leaf_modules: {in_llm} are LLM modules, which DeepSpeed cannot gather whole "
+                              "while LoRA trains (their weights would be missing in the backward pass); remove them "
+                              "(they may stay in stage 1, where the LLM is frozen)")

@@ -29,6 +29,11 @@ class DistEnv:
         return self.rank == 0
 
     @property
+    def device(self) -> torch.device:
+        """This rank's device: its GPU (LOCAL_RANK) under CUDA, else the CPU."""
+        return torch.device(f"cuda:{self.local_rank}" if self.use_cuda else "cpu")
+
+    @property
     def num_nodes(self) -> int:
         return max(1, self.world_size // max(1, self.local_world_size))
 

@@ -112,15 +112,10 @@ def build_model(cfg: Config, dist_env: DistEnv, ds_config: dict, source: InitSou
     m = cfg.model
     cache = cfg.cache_dir
     llm_path = build.resolve_llm_path(m.llm, cache)
-    tokenizer = build.load_tokenizer(llm_path, m.llm.max_length) if llm_path else None
-    if tokenizer is None:
-        raise ConfigError("model.llm.path: a tokenizer is needed to train; set model.llm.path to a folder with one")
+    tokenizer = build.load_tokenizer(llm_path, m.llm.max_length)  # the parts fit: build.check_architecture
     llm_conf = build.llm_config(m.llm, llm_path)
     unet_conf = build.unet_config(m.unet)
     width, cross = llm_conf.hidden_size, unet_conf.get("cross_attention_dim", 1280)
-    if width != cross and not m.projection:
-        raise ConfigError(f"model.projection: the LLM width is {width} but the UNet's cross_attention_dim is {cross}; "
-                          "set model.projection=true or make model.unet.config.cross_attention_dim match")
 
     torch.manual_seed(cfg.run.seed)  # identical fresh weights on every rank
     zero3 = ds_config["zero_optimization"]["stage"] == 3
@@ -176,22 +171,13 @@ def build_model(cfg: Config, dist_env: DistEnv, ds_config: dict, source: InitSou
     for name, p in model.named_parameters():
         p.requires_grad_(names.trains(name))
     if zero3 and cfg.deepspeed.leaf_modules:
+        # none inside an LLM that LoRA trains (build.check_architecture)
         leaves = deepspeed.utils.set_z3_leaf_modules(model, list(cfg.deepspeed.leaf_modules), raise_if_not_found=False)
-        llm_modules = {id(mod) for mod in llm.modules()}
-        in_llm = {type(mod).__name__ for mod in leaves if id(mod) in llm_modules}
-        if in_llm and m.lora.enabled:
-            raise ConfigError(f"deepspeed.leaf_modules: {sorted(in_llm)} are LLM modules, which DeepSpeed cannot gather "
-                              "whole while LoRA trains (their weights would be missing in the backward pass); remove "
-                              "them (they may stay in stage 1, where the LLM is frozen)")
         log.info("ZeRO-3 gathers %d blocks whole (deepspeed.leaf_modules)", len(leaves))
 
     vae = build.load_vae(build.resolve_vae_path(m.vae.path, cache))
-    factor = LatentEncoder(vae).downsample * 2 ** (len(unet.config.block_out_channels) - 1)
-    if cfg.data.resolution % factor:
-        raise ConfigError(f"data.resolution={cfg.data.resolution}: the VAE and the UNet downsample by {factor} together; "
-                          f"use a multiple of {factor}")
     if dist_env.use_cuda:
-        vae = vae.to(f"cuda:{dist_env.local_rank}", torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32)
+        vae = vae.to(dist_env.device, torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32)
     counts = {"trainable": sum(_numel(p) for p in model.parameters() if p.requires_grad),
               "total": sum(_numel(p) for p in model.parameters())}
     return Built(model, LatentEncoder(vae), tokenizer, counts, init_report, provenance)

@@ -11,6 +11,7 @@ import torch
 from para_train.config import Config, ConfigError
 from para_train.files import complete
 from para_train.files.layout import RunLayout, StageLayout, rank_state
+from para_train.models import build
 from para_train.models.pretrained import InitSource, check_model_paths, resolve_init_from
 from para_train.training.distributed import DistEnv
 from para_train.training.engine import deepspeed_config
@@ -29,24 +30,27 @@ class Resume:
 class Resolved:
     cfg: Config
     env: DistEnv
-    run: RunLayout
-    stage: StageLayout
+    layout: RunLayout  # every path of the run (files.layout)
     ds_config: dict  # the DeepSpeed JSON of this stage and world size
     precision: str  # bf16 | fp32 (train.precision=auto resolved for this machine)
     init: InitSource | None  # the weights the stage starts from (None: fresh, or stage 1's pretrained parts)
     resume: Resume | None
     parent_run_id: str | None  # stage 1's MLflow run: stages 2-3 nest under it
 
+    @property
+    def stage(self) -> StageLayout:
+        return self.layout.stage(self.cfg.run.stage)
+
 
 def resolve(cfg: Config, env: DistEnv) -> Resolved:
     check_model_paths(cfg)
-    run = RunLayout.of(cfg.run.dir)
-    stage = run.stage(cfg.run.stage)
+    build.check_architecture(cfg)
+    layout = RunLayout.of(cfg.run.dir)
     ds_config = deepspeed_config(cfg, env)
-    first = run.stage(1).final.mlflow_run_id
+    first = layout.stage(1).final.mlflow_run_id
     parent = first.read_text().strip() if cfg.run.stage > 1 and first.is_file() else None
-    return Resolved(cfg, env, run, stage, ds_config, "bf16" if ds_config["bf16"]["enabled"] else "fp32",
-                    resolve_init_from(cfg), find_resume(cfg, stage), parent)
+    return Resolved(cfg, env, layout, ds_config, "bf16" if ds_config["bf16"]["enabled"] else "fp32",
+                    resolve_init_from(cfg), find_resume(cfg, layout.stage(cfg.run.stage)), parent)
 
 
 def find_resume(cfg: Config, stage: StageLayout) -> Resume | None:

@@ -45,7 +45,7 @@ class Stage:
     layout = property(lambda self: self.run.stage)  # files.layout.StageLayout
     rank = property(lambda self: self.run.env.rank)
     model = property(lambda self: self.engine.module)
-    device = property(lambda self: torch.device(f"cuda:{self.env.local_rank}" if self.env.use_cuda else "cpu"))
+    device = property(lambda self: self.env.device)
 
     def close(self) -> None:
         self.tracker.close()
@@ -87,8 +87,7 @@ def _validator(run: Resolved, built) -> Validator | None:
             log.warning("no validation: the data are not the synthetic default and eval.remote is not set; point "
                         "eval.remote at held-out MDS shards for val/loss, or set eval.every=0 to say so")
         return None
-    device = torch.device(f"cuda:{env.local_rank}" if env.use_cuda else "cpu")
-    return Validator(cfg, held, built.tokenizer, built.latent_encoder, device, env.rank, env.world_size)
+    return Validator(cfg, held, built.tokenizer, built.latent_encoder, env.device, env.rank, env.world_size)
 
 
 def _tracker(run: Resolved, built):
@@ -98,7 +97,7 @@ def _tracker(run: Resolved, built):
     tags = {"stage": str(cfg.run.stage), "slurm_job_id": env.slurm_job_id or ""}
     if "git" in code:
         tags["mlflow.source.git.commit"] = code["git"]["revision"]
-    tracker = create_tracker(cfg.tracking, str(run.run.root), env.rank, env_tracking_uri=env.mlflow_tracking_uri,
+    tracker = create_tracker(cfg.tracking, str(run.layout.root), env.rank, env_tracking_uri=env.mlflow_tracking_uri,
                              resume_run_id=run.resume.run_id if run.resume else None,
                              parent_run_id=run.parent_run_id, tags=tags)
     if run.resume is None:
