@@ -14,9 +14,10 @@ the same steps, logging metrics at every step (tracking.log_every=1) and a sampl
   silent       a socket that accepts connections and never answers (the worst case: a hung server)
 
 For each it prints the wall time of the stage's set-up (which creates the MLflow run and waits
-at most 10 s for it), of the training loop and the stage's end (train(), then sampling, the export
-and the tracker's close, which waits for MLflow), of the stage's close() after it, their sum's
-excess over `off`, and how many metric points reached MLflow or the fallback file.
+at most 10 s for it), of the training loop (Trainer.train()), of the stage's end (main.finish: the
+samples, the export, log_model and the tracker's close, which waits for MLflow at most
+tracking.shutdown_timeout_s), their sum's excess over `off`, and how many metric points reached
+MLflow or the fallback file.
 """
 from __future__ import annotations
 
@@ -93,10 +94,10 @@ def run_case(case: str, env, root: Path, cache: Path, steps: int, servers: dict)
         kill_at_step(servers["doomed"], stage.layout.metrics, steps // 2)
     try:
         Trainer(stage, state).train()
-        finish(stage, state)  # samples, export, log_model, the tracker's close
         t_trained = time.perf_counter()
+        finish(stage, state)  # samples, export, log_model, the tracker's close
     finally:
-        stage.close()
+        stage.close()  # the tracker is closed already (a no-op) unless train() raised
     t_closed = time.perf_counter()
     sent = fallback = 0
     run_id = stage.tracker.run_id
@@ -107,7 +108,7 @@ def run_case(case: str, env, root: Path, cache: Path, steps: int, servers: dict)
     path = run_dir / FALLBACK_FILE
     if path.exists():
         fallback = sum(1 for x in path.read_text().splitlines() if x and "loss" in json.loads(x).get("metrics", {}))
-    return {"build": t_built - t0, "train": t_trained - t_built, "close": t_closed - t_trained, "run_id": run_id,
+    return {"build": t_built - t0, "train": t_trained - t_built, "finish": t_closed - t_trained, "run_id": run_id,
             "mlflow": sent, "fallback": fallback}
 
 
@@ -155,7 +156,7 @@ def main() -> None:
         for case in cases:
             results[case] = run_case(case, env, root, cache, args.steps, servers)
             r = results[case]
-            print(f"  {case:<12} done: set-up {r['build']:.2f} s, train {r['train']:.2f} s, close {r['close']:.2f} s",
+            print(f"  {case:<12} done: set-up {r['build']:.2f} s, train {r['train']:.2f} s, finish {r['finish']:.2f} s",
                   flush=True)
         if "doomed" in servers and results.get("killed", {}).get("run_id"):
             from mlflow.tracking import MlflowClient
@@ -172,12 +173,12 @@ def main() -> None:
 
     base = results.get("off")
     print(f"\n{args.steps} steps, metrics every step, tiny model, 1 rank; tracking.shutdown_timeout_s=20 (default)")
-    print(f"  {'case':<12} {'set-up':>9} {'train()':>9} {'close()':>9} {'extra over off':>15} "
+    print(f"  {'case':<12} {'set-up':>9} {'train()':>9} {'finish()':>9} {'extra over off':>15} "
           f"{'points in MLflow':>17} {'in fallback':>12}")
-    total = lambda r: r["build"] + r["train"] + r["close"]  # noqa: E731
+    total = lambda r: r["build"] + r["train"] + r["finish"]  # noqa: E731
     for case, r in results.items():
         extra = total(r) - total(base) if base else float("nan")
-        print(f"  {case:<12} {r['build']:8.2f}s {r['train']:8.2f}s {r['close']:8.2f}s {extra:+14.2f}s "
+        print(f"  {case:<12} {r['build']:8.2f}s {r['train']:8.2f}s {r['finish']:8.2f}s {extra:+14.2f}s "
               f"{r['mlflow']:>17} {r['fallback']:>12}")
     print(f"\nload average at end (1/5/15 min): {common.load_average()}")
 

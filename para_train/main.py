@@ -7,7 +7,7 @@
     sbatch cluster/stage1_64nodes.sh                             # Slurm, many nodes
 
 Stages 2 and 3 start from the previous stage's final weights in run.dir. Any config key can be
-overridden as dotted key=value; see para_train/config.py for every key and its default.
+overridden as dotted key=value; see para_train/config/keys.py for every key and its default.
 """
 from __future__ import annotations
 

@@ -84,15 +84,15 @@ def test_bad_overrides_name_the_key_and_fix(overrides, message):
 
 
 def test_fixed_choices_are_literal_types_checked_on_load():
-    """Every fixed-choice field is a typing.Literal, so `_coerce` is the one place that checks them."""
+    """Every fixed-choice field is a typing.Literal, so `config.load._coerce` is the one place that checks them."""
     import dataclasses
     import typing
 
-    from para_train.config import CAPTION_STYLES, Config, DataConfig, _resolve_hints
+    from para_train.config import CAPTION_STYLES, Config, DataConfig
 
     def literals(cls, prefix=""):
         for f in dataclasses.fields(cls):
-            hint = _resolve_hints(cls)[f.name]
+            hint = typing.get_type_hints(cls)[f.name]
             if dataclasses.is_dataclass(hint):
                 yield from literals(hint, f"{prefix}{f.name}.")
             elif typing.get_origin(hint) is typing.Literal:
@@ -102,7 +102,7 @@ def test_fixed_choices_are_literal_types_checked_on_load():
         "run.stage", "model.prediction_type", "data.synthetic_captions", "data.crop", "data.use_latents",
         "data.use_text_embeds", "train.lr_schedule", "train.precision", "checkpoint.init_weights",
         "deepspeed.zero_stage", "kernels.lora", "kernels.cross_attention"}
-    assert CAPTION_STYLES == typing.get_args(_resolve_hints(DataConfig)["synthetic_captions"]) == ("paragraph", "short")
+    assert CAPTION_STYLES == typing.get_args(typing.get_type_hints(DataConfig)["synthetic_captions"]) == ("paragraph", "short")
     cfg = load_config(1, overrides=["kernels.cross_attention=sdpa", "deepspeed.zero_stage=2", "data.crop=random"])
     assert (cfg.kernels.cross_attention, cfg.deepspeed.zero_stage, cfg.data.crop) == ("sdpa", 2, "random")
 

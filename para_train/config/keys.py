@@ -1,39 +1,30 @@
-"""One typed config for a training run.
-
-Built once from: dataclass defaults (the tiny embedded model) < the stage's defaults < a YAML
-file (`--config`) < dotted `key=value` overrides. Every section validates itself; an unknown key,
-a value of the wrong type, a value outside a field's `Literal` choices (checked while the YAML/CLI
-values are read, see `_coerce`) or a contradictory setting raises `ConfigError` naming the key and
-the fix, before any process group starts.
-"""
+"""Every key of the config: its section, type, default and check (what `--config` YAML files and `key=value`
+overrides may set), the fixed choices as `Literal` types and the stage defaults."""
 from __future__ import annotations
 
-import copy
 import dataclasses
 import importlib.util
 import re
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlparse
 
-import yaml
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 class ConfigError(ValueError):
     """A user-fixable problem in the configuration."""
 
 
-def _check(cond: bool, key: str, msg: str) -> None:
+def require(cond: bool, key: str, msg: str) -> None:
     if not cond:
         raise ConfigError(f"{key}: {msg}")
 
 
-# Fixed-choice fields are typed with these; `_coerce` checks a YAML/CLI value against the choices once, for all.
+# Fixed-choice fields are typed with these; `load._coerce` checks a YAML/CLI value against the choices once, for all.
 Stage = Literal[1, 2, 3]
 PredictionType = Literal["epsilon", "v_prediction"]
 CaptionStyle = Literal["paragraph", "short"]
@@ -77,10 +68,10 @@ class LLMConfig:
     gradient_checkpointing: bool = False
 
     def __post_init__(self):
-        _check(self.path is not None or self.config is not None, "model.llm",
+        require(self.path is not None or self.config is not None, "model.llm",
                "set model.llm.path (weights folder or hub id) or model.llm.config (architecture)")
-        _check(self.layer < 0, "model.llm.layer", f"must be negative (-1 last, -2 penultimate), got {self.layer}")
-        _check(1 <= self.max_length <= 8192, "model.llm.max_length", f"must be in 1..8192, got {self.max_length}")
+        require(self.layer < 0, "model.llm.layer", f"must be negative (-1 last, -2 penultimate), got {self.layer}")
+        require(1 <= self.max_length <= 8192, "model.llm.max_length", f"must be in 1..8192, got {self.max_length}")
 
 
 @dataclass
@@ -92,9 +83,9 @@ class LoRAConfig:
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
 
     def __post_init__(self):
-        _check(self.rank >= 1, "model.lora.rank", f"must be >= 1, got {self.rank}")
-        _check(0.0 <= self.dropout < 1.0, "model.lora.dropout", f"must be in [0, 1), got {self.dropout}")
-        _check(len(self.target_modules) > 0, "model.lora.target_modules",
+        require(self.rank >= 1, "model.lora.rank", f"must be >= 1, got {self.rank}")
+        require(0.0 <= self.dropout < 1.0, "model.lora.dropout", f"must be in [0, 1), got {self.dropout}")
+        require(len(self.target_modules) > 0, "model.lora.target_modules",
                "name at least one module, e.g. [q_proj, v_proj]")
 
 
@@ -158,8 +149,8 @@ class ModelConfig:
     num_train_timesteps: int = 1000
 
     def __post_init__(self):
-        _check(self.min_snr_gamma is None or self.min_snr_gamma > 0, "model.min_snr_gamma", "must be > 0 or null")
-        _check(not self.zero_terminal_snr or self.prediction_type == "v_prediction", "model.zero_terminal_snr",
+        require(self.min_snr_gamma is None or self.min_snr_gamma > 0, "model.min_snr_gamma", "must be > 0 or null")
+        require(not self.zero_terminal_snr or self.prediction_type == "v_prediction", "model.zero_terminal_snr",
                "needs model.prediction_type=v_prediction: at zero SNR the noisy latent is the noise itself, so an "
                "epsilon-prediction model learns nothing there; set prediction_type=v_prediction or "
                "zero_terminal_snr=false")
@@ -176,9 +167,9 @@ class StreamConfig:
 
     def __post_init__(self):
         weights = [w for w in (self.proportion, self.repeat, self.choose) if w is not None]
-        _check(len(weights) <= 1, "data.streams[].proportion",
+        require(len(weights) <= 1, "data.streams[].proportion",
                f"stream {self.remote}: give at most one of proportion, repeat, choose")
-        _check(all(w >= 0 for w in weights), "data.streams[].proportion",
+        require(all(w >= 0 for w in weights), "data.streams[].proportion",
                f"stream {self.remote}: weights must be >= 0")
 
 
@@ -227,29 +218,29 @@ class DataConfig:
     clean_shared_memory: bool = True
 
     def __post_init__(self):
-        _check(0.0 <= self.max_skip_rate <= 1.0, "data.max_skip_rate", f"must be in [0, 1], got {self.max_skip_rate}")
-        _check(0.0 <= self.caption_dropout < 1.0, "data.caption_dropout",
+        require(0.0 <= self.max_skip_rate <= 1.0, "data.max_skip_rate", f"must be in [0, 1], got {self.max_skip_rate}")
+        require(0.0 <= self.caption_dropout < 1.0, "data.caption_dropout",
                f"must be in [0, 1), got {self.caption_dropout}")
-        _check(self.resolution >= 8 and self.resolution % 8 == 0, "data.resolution",
+        require(self.resolution >= 8 and self.resolution % 8 == 0, "data.resolution",
                f"must be a multiple of 8 (the VAE and the UNet each downsample by powers of 2), got {self.resolution}")
-        _check(self.synthetic_samples >= 1, "data.synthetic_samples", "must be >= 1")
-        _check(not (self.remote and self.streams), "data.streams",
+        require(self.synthetic_samples >= 1, "data.synthetic_samples", "must be >= 1")
+        require(not (self.remote and self.streams), "data.streams",
                "set either data.remote (one shard set) or data.streams (a mix), not both")
-        _check(self.streams is None or len(self.streams) > 0, "data.streams", "list at least one stream, or use null")
+        require(self.streams is None or len(self.streams) > 0, "data.streams", "list at least one stream, or use null")
         if self.streams:
             relative = [s.proportion is not None for s in self.streams]
             absolute = [s.repeat is not None or s.choose is not None for s in self.streams]
-            _check(not (any(relative) and any(absolute)), "data.streams",
+            require(not (any(relative) and any(absolute)), "data.streams",
                    "weight every stream by proportion (relative) or by repeat/choose (absolute), not a mix of both")
-            _check(not any(relative) or all(relative), "data.streams",
+            require(not any(relative) or all(relative), "data.streams",
                    "with proportions, give every stream a proportion")
-        _check(self.epoch_size is None or self.epoch_size >= 1, "data.epoch_size", "must be >= 1 or null")
-        _check(self.download_retry >= 0, "data.download_retry", "must be >= 0")
-        _check(self.download_timeout > 0, "data.download_timeout", "must be > 0 seconds")
-        _check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
-        _check(self.num_canonical_nodes is None or self.num_canonical_nodes >= 1, "data.num_canonical_nodes",
+        require(self.epoch_size is None or self.epoch_size >= 1, "data.epoch_size", "must be >= 1 or null")
+        require(self.download_retry >= 0, "data.download_retry", "must be >= 0")
+        require(self.download_timeout > 0, "data.download_timeout", "must be > 0 seconds")
+        require(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+        require(self.num_canonical_nodes is None or self.num_canonical_nodes >= 1, "data.num_canonical_nodes",
                "must be >= 1 or null (the number of nodes)")
-        _check(self.cache_limit is None
+        require(self.cache_limit is None
                or re.fullmatch(r"\d+(\.\d+)?\s*([kmgtp]b|b)?", self.cache_limit.strip().lower()) is not None,
                "data.cache_limit", f"expected a size such as 500gb or 2tb, got {self.cache_limit!r}")
 
@@ -279,13 +270,13 @@ class TrainConfig:
     log_every: int = 10
 
     def __post_init__(self):
-        _check(self.steps >= 1, "train.steps", f"must be >= 1, got {self.steps}")
-        _check(self.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
-        _check(self.grad_accum >= 1, "train.grad_accum", "must be >= 1")
-        _check(self.lr > 0, "train.lr", "must be > 0")
-        _check(0.0 <= self.ema_decay < 1.0, "train.ema_decay", f"must be in [0, 1), got {self.ema_decay}")
-        _check(len(self.betas) == 2, "train.betas", "give two numbers, e.g. [0.9, 0.999]")
-        _check(self.max_consecutive_skips >= 1, "train.max_consecutive_skips", "must be >= 1")
+        require(self.steps >= 1, "train.steps", f"must be >= 1, got {self.steps}")
+        require(self.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
+        require(self.grad_accum >= 1, "train.grad_accum", "must be >= 1")
+        require(self.lr > 0, "train.lr", "must be > 0")
+        require(0.0 <= self.ema_decay < 1.0, "train.ema_decay", f"must be in [0, 1), got {self.ema_decay}")
+        require(len(self.betas) == 2, "train.betas", "give two numbers, e.g. [0.9, 0.999]")
+        require(self.max_consecutive_skips >= 1, "train.max_consecutive_skips", "must be >= 1")
 
 
 @dataclass
@@ -303,8 +294,8 @@ class CheckpointConfig:
     init_weights: InitWeights = "ema"
 
     def __post_init__(self):
-        _check(self.every >= 1, "checkpoint.every", "must be >= 1")
-        _check(self.keep >= 2, "checkpoint.keep",
+        require(self.every >= 1, "checkpoint.every", "must be >= 1")
+        require(self.keep >= 2, "checkpoint.keep",
                f"must be >= 2 so a crash mid-write leaves a complete one, got {self.keep}")
 
 
@@ -347,17 +338,17 @@ class TrackingConfig:
     system_metrics: bool = False  # MLflow's CPU/GPU/disk/network monitor (needs psutil)
 
     def __post_init__(self):
-        _check(self.uri is None or len(urlparse(self.uri).scheme) >= 2, "tracking.uri",  # 'C:/x' has scheme 'c'
+        require(self.uri is None or len(urlparse(self.uri).scheme) >= 2, "tracking.uri",  # 'C:/x' has scheme 'c'
                f"{self.uri!r} is not a URI; use http://HOST:PORT for a tracking server, "
                "sqlite:///PATH/mlflow.db for a local store, or leave it unset")
-        _check(bool(self.experiment), "tracking.experiment", "empty; set a name, e.g. tracking.experiment=para-train")
-        _check(bool(self.registered_model.strip()), "tracking.registered_model",
+        require(bool(self.experiment), "tracking.experiment", "empty; set a name, e.g. tracking.experiment=para-train")
+        require(bool(self.registered_model.strip()), "tracking.registered_model",
                "empty; use auto (the experiment's name), none, or a name")
         for key, minimum in (("log_every", 1), ("sample_every", 0), ("queue_size", 1)):
-            _check(getattr(self, key) >= minimum, f"tracking.{key}", f"must be >= {minimum}, got {getattr(self, key)}")
-        _check(self.shutdown_timeout_s > 0, "tracking.shutdown_timeout_s",
+            require(getattr(self, key) >= minimum, f"tracking.{key}", f"must be >= {minimum}, got {getattr(self, key)}")
+        require(self.shutdown_timeout_s > 0, "tracking.shutdown_timeout_s",
                f"must be > 0 (e.g. 20), got {self.shutdown_timeout_s}")
-        _check(not self.system_metrics or importlib.util.find_spec("psutil") is not None, "tracking.system_metrics",
+        require(not self.system_metrics or importlib.util.find_spec("psutil") is not None, "tracking.system_metrics",
                "needs psutil; pip install psutil, or set it to false")
 
     @property
@@ -390,13 +381,13 @@ class EvalConfig:
     seed: int = 0  # which held-out set, latents and noise
 
     def __post_init__(self):
-        _check(self.every >= 0, "eval.every", "must be >= 0 (0 = never)")
-        _check(self.num_samples >= 1, "eval.num_samples", "must be >= 1")
-        _check(len(self.timesteps) > 0, "eval.timesteps", "list at least one timestep, e.g. [100, 500, 900]")
-        _check(0 <= self.num_images <= self.num_samples, "eval.num_images",
+        require(self.every >= 0, "eval.every", "must be >= 0 (0 = never)")
+        require(self.num_samples >= 1, "eval.num_samples", "must be >= 1")
+        require(len(self.timesteps) > 0, "eval.timesteps", "list at least one timestep, e.g. [100, 500, 900]")
+        require(0 <= self.num_images <= self.num_samples, "eval.num_images",
                f"must be in 0..eval.num_samples ({self.num_samples}), got {self.num_images}: the images are sampled "
                "from the held-out pairs; lower eval.num_images or raise eval.num_samples")
-        _check(self.sample_steps >= 1, "eval.sample_steps", "must be >= 1")
+        require(self.sample_steps >= 1, "eval.sample_steps", "must be >= 1")
 
 
 @dataclass
@@ -429,14 +420,14 @@ class Config:
     def __post_init__(self):
         stage = self.run.stage
         bad = [t for t in self.eval.timesteps if not 0 <= t < self.model.num_train_timesteps]
-        _check(not bad, "eval.timesteps", f"{bad} outside 0..{self.model.num_train_timesteps - 1} "
+        require(not bad, "eval.timesteps", f"{bad} outside 0..{self.model.num_train_timesteps - 1} "
                                           "(model.num_train_timesteps)")
         if stage == 1:
-            _check(not self.model.lora.enabled, "model.lora.enabled",
+            require(not self.model.lora.enabled, "model.lora.enabled",
                    "stage 1 trains the UNet with a frozen LLM and no LoRA; set model.lora.enabled=false "
                    "or use --stage 2")
         else:
-            _check(self.model.lora.enabled, "model.lora.enabled",
+            require(self.model.lora.enabled, "model.lora.enabled",
                    f"stage {stage} trains LoRA on the LLM; set model.lora.enabled=true (with model.lora.rank etc.)")
 
     # ---- the data cache (a run's own paths: para_train.files.layout) ----
@@ -457,186 +448,3 @@ STAGE_DEFAULTS: dict[int, dict[str, Any]] = {
     3: {"model.lora.enabled": True, "train.steps": 80, "train.lr": 5e-5, "train.warmup_steps": 5,
         "data.synthetic_seed": 2, "data.synthetic_samples": 200},
 }
-
-
-# ---------------------------------------------------------------- building from dicts
-
-
-def _resolve_hints(cls) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _describe(hint: Any) -> str:
-    """A type as an error message names it."""
-    if typing.get_origin(hint) is Literal:
-        return "one of " + ", ".join(map(str, typing.get_args(hint)))
-    names = {str: "a string (e.g. a folder)", int: "an integer", float: "a number", bool: "true or false",
-             dict: "a mapping", list: "a list"}
-    return names.get(typing.get_origin(hint) or hint, getattr(hint, "__name__", str(hint)))
-
-
-def _coerce(value: Any, hint: Any, key: str) -> Any:
-    """Check (and gently convert) a YAML/CLI value against a dataclass field's type."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(hint)
-        if value is None:
-            _check(type(None) in args, key, "may not be null")
-            return None
-        errors, alternatives = [], [a for a in args if a is not type(None)]
-        for arg in alternatives:
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError as e:
-                errors.append(str(e))
-        nested = [e for e in errors if not e.startswith(f"{key}: ")]  # e.g. a list's item: the precise one
-        if len(alternatives) == 1 or nested:
-            raise ConfigError((nested or errors)[0])
-        raise ConfigError(f"{key}: expected {' or '.join(map(_describe, alternatives))}, got {value!r}")
-    if origin is Literal:
-        choices = typing.get_args(hint)
-        # by type too: YAML's true is not the 1 of Literal[1, 2, 3], nor "1" (quoted) of it
-        _check(any(value == c and type(value) is type(c) for c in choices), key,
-               f"must be one of {', '.join(map(str, choices))}; got {value!r}")
-        return value
-    if dataclasses.is_dataclass(hint):
-        _check(isinstance(value, dict), key, f"expected a mapping of {hint.__name__} fields, got {value!r}")
-        return _build(hint, value, key)
-    if origin is list:
-        _check(isinstance(value, (list, tuple)), key, f"expected a list, got {value!r}")
-        (item,) = typing.get_args(hint) or (Any,)
-        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict or hint is dict:
-        _check(isinstance(value, dict), key, f"expected a mapping, got {value!r}")
-        return dict(value)
-    if hint is Any:
-        return value
-    if hint is bool:
-        _check(isinstance(value, bool), key, f"expected true or false, got {value!r}")
-        return value
-    if hint is int:
-        _check(isinstance(value, int) and not isinstance(value, bool), key, f"expected an integer, got {value!r}")
-        return value
-    if hint is float:
-        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        _check(isinstance(value, (int, float)) and not isinstance(value, bool), key,
-               f"expected a number, got {value!r}")
-        return float(value)
-    if hint is str:
-        _check(isinstance(value, str), key, f"expected a string, got {value!r}")
-        return value
-    raise AssertionError(f"unsupported config type {hint} at {key}")
-
-
-def _build(cls, data: dict, prefix: str = ""):
-    hints = _resolve_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in data.items():
-        full = f"{prefix}.{key}" if prefix else key
-        if key not in names:
-            raise ConfigError(f"{full}: unknown key; valid keys here are: {', '.join(sorted(names))}")
-        kwargs[key] = _coerce(value, hints[key], full)
-    return cls(**kwargs)
-
-
-def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
-    parts = dotted.split(".")
-    node = tree
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"{dotted}: {part} is not a section")
-    node[parts[-1]] = value
-
-
-def _seed_mapping(tree: dict, dotted: str) -> None:
-    """`model.unet.config.cross_attention_dim=48` changes one entry of the mapping the config holds so far (e.g. the
-    tiny UNet's, filled in by UNetConfig), not the whole mapping: a mapping field the tree does not hold yet
-    starts as the value it would have been built with."""
-    parts, cls, node = dotted.split("."), Config, tree
-    for i, part in enumerate(parts[:-1]):
-        hint = _resolve_hints(cls).get(part) if dataclasses.is_dataclass(cls) else None
-        if hint is None:
-            return
-        if dataclasses.is_dataclass(hint):
-            cls, node = hint, node.get(part) if isinstance(node, dict) else None
-            continue
-        if dict not in (hint, *typing.get_args(hint)) or (isinstance(node, dict) and part in node):
-            return
-        try:
-            built = _build(Config, tree)
-        except ConfigError:  # reported with the final config
-            return
-        for p in parts[:i + 1]:
-            built = getattr(built, p)
-        if isinstance(built, dict):
-            _set_dotted(tree, ".".join(parts[:i + 1]), copy.deepcopy(built))
-        return
-
-
-def _deep_merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for k, v in extra.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in ("config",):
-            out[k] = _deep_merge(out[k], v)
-        else:
-            out[k] = v
-    return out
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    if "=" not in text:
-        raise ConfigError(f"override {text!r}: expected key=value, e.g. train.steps=100")
-    key, raw = text.split("=", 1)
-    try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{key}: cannot parse value {raw!r}: {e}") from None
-    return key.strip(), value
-
-
-def load_config(stage: int, config_file: str | None = None, overrides: list[str] = ()) -> Config:
-    """The one way a Config is made: defaults < stage defaults < YAML < overrides, then validated."""
-    tree: dict = {}
-    for key, value in STAGE_DEFAULTS[stage].items():
-        _set_dotted(tree, key, value)
-    if config_file is not None:
-        path = Path(config_file)
-        if not path.is_file():
-            raise ConfigError(f"--config: file {config_file} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"--config {config_file}: not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"--config {config_file}: expected a mapping of sections (run:, model:, ...)")
-        file_stage = (data.get("run") or {}).get("stage")
-        if file_stage is not None and file_stage != stage:
-            raise ConfigError(f"run.stage: {config_file} is a stage {file_stage} config but --stage {stage} was given; "
-                              f"use --stage {file_stage} or another config")
-        tree = _deep_merge(tree, data)
-    for text in overrides:
-        key, value = parse_override(text)
-        if key == "run.stage" and value != stage:
-            raise ConfigError("run.stage: set the stage with --stage, not as an override")
-        _seed_mapping(tree, key)
-        _set_dotted(tree, key, value)
-    _set_dotted(tree, "run.stage", stage)
-    return _build(Config, tree)
-
-
-def save_config(cfg: Config, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    tmp.replace(path)
-
-
-def config_from_dict(data: dict) -> Config:
-    """Rebuild a Config saved by `save_config` (used by export and resume checks)."""
-    return _build(Config, data)
