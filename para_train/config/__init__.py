@@ -9,7 +9,7 @@ the fix, before any process group starts.
 keys.py holds every key (section, type, default, check); load.py reads them from YAML and overrides.
 """
 from para_train.config.keys import (
-    REPO_ROOT, ConfigError, require, Stage, PredictionType, CaptionStyle, Crop, UsePrecomputed, LRSchedule,
+    REPO_ROOT, ConfigError, Stage, PredictionType, CaptionStyle, Crop, UsePrecomputed, LRSchedule,
     Precision, InitWeights, ZeroStage, LoraKernel, CrossAttentionKernel, TINY, ModelPath, ResumeFrom, InitFrom,
     RunConfig, LLMConfig, LoRAConfig, TINY_UNET, UNetConfig, VAEConfig, ModelConfig, StreamConfig, CAPTION_STYLES,
     DataConfig, TrainConfig, CheckpointConfig, DeepSpeedSection, KernelsConfig, TrackingConfig, SampleConfig,
@@ -25,5 +25,5 @@ __all__ = [
     "LLMConfig", "LRSchedule", "LoRAConfig", "LoraKernel", "ModelConfig", "ModelPath", "Precision",
     "PredictionType", "REPO_ROOT", "ResumeFrom", "RunConfig", "STAGE_DEFAULTS", "SampleConfig", "Stage",
     "StreamConfig", "TINY", "TINY_UNET", "TrackingConfig", "TrainConfig", "UNetConfig", "UsePrecomputed",
-    "VAEConfig", "ZeroStage", "config_from_dict", "load_config", "parse_override", "require", "save_config"
+    "VAEConfig", "ZeroStage", "config_from_dict", "load_config", "parse_override", "save_config"
 ]

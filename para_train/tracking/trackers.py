@@ -187,7 +187,7 @@ class MlflowTracker(_Worker, Tracker):
         deadline = time.monotonic() + self._cfg.shutdown_timeout_s
         try:
             self._queue.put(_Close(status), timeout=self._cfg.shutdown_timeout_s)
-        except queue.Full:
+        except queue.Full:  # the worker is stuck: the join below times out and _abandon writes the rest
             pass
         self._thread.join(max(0.0, deadline - time.monotonic()))
         if self._thread.is_alive():
